@@ -1,0 +1,1 @@
+"""gRPC adapter for the EditorService (API v1)."""

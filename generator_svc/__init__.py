@@ -1,0 +1,1 @@
+"""gRPC adapter serving generators: ListModels, Sample, Synthesize, SynthesizeStream."""

@@ -1,0 +1,198 @@
+"""Loaded generators: one per (name, version), each with its backends and batchers.
+
+The newest version of every generator in the repository is loaded and warmed at start-up; a
+poll thread loads new versions as they appear (no restart), and older versions load on first
+use.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from generator_svc.backends import (
+    BACKEND_NAMES,
+    BACKENDS_BY_NAME,
+    GeneratorBackend,
+    OnnxRuntimeBackend,
+    TensorRTBackend,
+    TorchBackend,
+    cached_onnx_export,
+    cuda_available,
+    tensorrt_available,
+)
+from latentedit.api.v1 import types_pb2
+from latentedit.batching import DynamicBatcher
+from latentedit.config import GeneratorConfig
+from latentedit.errors import FailedPrecondition, InvalidArgument
+from latentedit.models.generator import StagedGenerator
+from latentedit.models.registry import load_generator
+from latentedit.repository import Entry, ModelRepository
+
+log = logging.getLogger(__name__)
+GENERATOR_KIND = "generator"
+
+
+@dataclass
+class LoadedGenerator:
+    entry: Entry
+    model: StagedGenerator
+    backends: dict[int, GeneratorBackend]
+    default_backend: int
+    config: GeneratorConfig
+    _batchers: dict[tuple, DynamicBatcher] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def spec(self):
+        return self.model.spec
+
+    def backend_order(self) -> list[int]:
+        return [self.default_backend, *sorted(k for k in self.backends if k != self.default_backend)]
+
+    def choose_backend(self, requested: int, from_layer: str, to_layers: Sequence[str]) -> GeneratorBackend:
+        if requested not in (types_pb2.BACKEND_UNSPECIFIED, *BACKEND_NAMES):
+            raise InvalidArgument(f"backend {requested} is unknown; allowed: {', '.join(BACKEND_NAMES.values())}")
+        if requested != types_pb2.BACKEND_UNSPECIFIED and requested not in self.backends:
+            available = ", ".join(BACKEND_NAMES[k] for k in self.backend_order())
+            raise FailedPrecondition(f"backend {BACKEND_NAMES[requested]} is not available here; available: {available}")
+        preferred = self.default_backend if requested == types_pb2.BACKEND_UNSPECIFIED else requested
+        backend = self.backends[preferred]
+        if backend.supports(from_layer, to_layers):
+            return backend
+        # Feature-layer paths exist only in the staged torch graph.
+        return self.backends[types_pb2.BACKEND_TORCH]
+
+    def run(
+        self, backend: GeneratorBackend, x: np.ndarray, from_layer: str, to_layers: Sequence[str], timeout_s: float
+    ) -> dict[str, np.ndarray]:
+        key = (backend.kind, from_layer, tuple(to_layers))
+        with self._lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = DynamicBatcher(
+                    lambda rows: backend.run(rows, from_layer, to_layers),
+                    max_batch_size=self.config.max_batch_size,
+                    max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
+                    max_queue_rows=self.config.max_queue_rows,
+                    name=f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}",
+                )
+                self._batchers[key] = batcher
+        return batcher.run(x, timeout_s)
+
+    def warm_up(self) -> None:
+        """One small batch through every backend so the first real call pays no set-up cost."""
+        latent = np.zeros((2, *self.spec.layers[0].shape), np.float32)
+        for backend in self.backends.values():
+            backend.run(latent, self.spec.layers[0].name, [self.spec.layers[-1].name])
+
+    def close(self) -> None:
+        with self._lock:
+            for batcher in self._batchers.values():
+                batcher.close()
+            self._batchers.clear()
+
+
+def resolve_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if setting == "cuda" and not cuda_available():
+        raise RuntimeError("config.generator.device is cuda, but CUDA is not available")
+    return setting
+
+
+class GeneratorPool:
+    def __init__(self, repo: ModelRepository, config: GeneratorConfig) -> None:
+        self.repo = repo
+        self.config = config
+        self.device = resolve_device(config.device)
+        self._loaded: dict[tuple[str, int], LoadedGenerator] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    def get(self, name: str, version: int = 0) -> LoadedGenerator:
+        """The loaded (name, version); an empty name means the configured default model."""
+        entry = self.repo.resolve(name or self.config.default_model, version, kind=GENERATOR_KIND)
+        key = (entry.name, entry.version)
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = self._load(entry)
+            return self._loaded[key]
+
+    def refresh(self) -> list[LoadedGenerator]:
+        """Load the newest version of every generator in the repository."""
+        return [self.get(name) for name in self.repo.names(GENERATOR_KIND)]
+
+    def _load(self, entry: Entry) -> LoadedGenerator:
+        log.info("loading generator %s v%d on %s", entry.name, entry.version, self.device)
+        model = load_generator(entry)
+        backends: dict[int, GeneratorBackend] = {}
+        weights_sha = entry.manifest.get("sha256", {}).get("weights", f"{entry.name}-{entry.version}")
+        onnx_path = None
+        try:
+            onnx_path = cached_onnx_export(model, self.repo, weights_sha, self.config.onnx_opset)
+            backends[types_pb2.BACKEND_ONNXRUNTIME] = OnnxRuntimeBackend(onnx_path, self.config.threads)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot export still serves on torch
+            log.warning("%s v%d: ONNX Runtime backend unavailable: %s", entry.name, entry.version, exc)
+        if onnx_path is not None and tensorrt_available() and self.config.backend in ("auto", "tensorrt"):
+            try:
+                backends[types_pb2.BACKEND_TENSORRT] = TensorRTBackend(
+                    onnx_path, self.repo, model.spec.layers[0].shape[0], self.config.max_batch_size, self.config.cuda_fp16
+                )
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s v%d: TensorRT backend unavailable: %s", entry.name, entry.version, exc)
+        backends[types_pb2.BACKEND_TORCH] = TorchBackend(model, self.device, fp16=self.config.cuda_fp16)
+        default = self._default_backend(backends)
+        loaded = LoadedGenerator(entry, model, backends, default, self.config)
+        loaded.warm_up()
+        log.info(
+            "generator %s v%d ready; backends: %s (default %s)",
+            entry.name,
+            entry.version,
+            ", ".join(BACKEND_NAMES[k] for k in loaded.backend_order()),
+            BACKEND_NAMES[default],
+        )
+        return loaded
+
+    def _default_backend(self, backends: dict[int, GeneratorBackend]) -> int:
+        setting = self.config.backend
+        if setting == "auto":
+            if types_pb2.BACKEND_TENSORRT in backends:
+                return types_pb2.BACKEND_TENSORRT
+            if self.device == "cuda" or types_pb2.BACKEND_ONNXRUNTIME not in backends:
+                return types_pb2.BACKEND_TORCH
+            return types_pb2.BACKEND_ONNXRUNTIME
+        if setting not in BACKENDS_BY_NAME:
+            raise ValueError(f"config.generator.backend {setting!r} is unknown; use auto, {', '.join(BACKENDS_BY_NAME)}")
+        if BACKENDS_BY_NAME[setting] not in backends:
+            raise RuntimeError(f"config.generator.backend is {setting}, but that backend could not be set up here")
+        return BACKENDS_BY_NAME[setting]
+
+    def start_polling(self, on_refresh: Callable[[list[LoadedGenerator]], None] | None = None) -> None:
+        """Scan the repository every poll interval; `on_refresh` gets what is loaded after each scan."""
+
+        def poll() -> None:
+            while not self._stop.wait(self.config.poll_interval_s):
+                try:
+                    loaded = self.refresh()
+                except Exception:  # noqa: BLE001 - keep polling; the next scan may succeed
+                    log.exception("repository scan failed")
+                    continue
+                if on_refresh is not None:
+                    on_refresh(loaded)
+
+        self._poller = threading.Thread(target=poll, name="repo-poll", daemon=True)
+        self._poller.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for loaded in list(self._loaded.values()):
+            loaded.close()

@@ -1,0 +1,36 @@
+"""Builds and runs the generator service process."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from generator_svc.pool import GeneratorPool
+from generator_svc.service import GeneratorServicer
+from latentedit.api.v1 import generator_pb2, generator_pb2_grpc
+from latentedit.config import Config
+from latentedit.repository import ModelRepository
+from latentedit.serving import ServiceHost
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
+
+
+def build(config: Config) -> tuple[ServiceHost, GeneratorPool]:
+    """Start listening (NOT_SERVING), load and warm every generator, then report SERVING."""
+    if config.generator.threads:
+        torch.set_num_threads(config.generator.threads)
+    host = ServiceHost(config.services["generator"])
+    pool = GeneratorPool(ModelRepository(config.repository), config.generator)
+    servicer = GeneratorServicer(pool)
+    host.add(generator_pb2_grpc.add_GeneratorServiceServicer_to_server, servicer, SERVICE_NAME)
+    host.on_shutdown(servicer.close)
+    host.on_shutdown(pool.close)
+    host.start()
+    loaded = pool.refresh()
+    if not loaded:
+        log.warning("no generator in %s: run `latentedit models install`; NOT_SERVING until one appears", config.repository)
+    host.set_serving(bool(loaded))
+    pool.start_polling(on_refresh=lambda models: host.set_serving(bool(models)))
+    return host, pool

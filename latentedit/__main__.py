@@ -1,0 +1,5 @@
+import sys
+
+from latentedit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""Small client helpers for callers of the v1 API (the CLI, tests, benchmarks, other services)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from latentedit import wire
+from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2
+from latentedit.errors import Unavailable
+from latentedit.serving import channel_options
+
+
+def connect(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=channel_options())
+
+
+def wait_serving(channel: grpc.Channel, service: str = "", timeout_s: float = 120.0, what: str = "service") -> None:
+    """Poll grpc.health.v1 until `service` reports SERVING, or raise Unavailable."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError as exc:
+            last = f"{exc.code().name}: {exc.details()}"
+        time.sleep(0.2)
+    raise Unavailable(f"{what} did not report SERVING within {timeout_s:.0f} s (last: {last})")
+
+
+class GeneratorClient:
+    def __init__(self, channel: grpc.Channel, model: str = "", version: int = 0) -> None:
+        self.stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        self.model = model
+        self.version = version
+
+    def ref(self) -> types_pb2.ModelRef:
+        return types_pb2.ModelRef(name=self.model, version=self.version)
+
+    def sample(self, count: int, seed: int, timeout: float = 60) -> np.ndarray:
+        response = self.stub.Sample(generator_pb2.SampleRequest(model=self.ref(), count=count, seed=seed), timeout=timeout)
+        return wire.from_tensor(response.latents.values, field="latents")
+
+    def synthesize(
+        self,
+        latents: np.ndarray,
+        encoding: int = types_pb2.IMAGE_ENCODING_RAW_UINT8,
+        backend: int = types_pb2.BACKEND_UNSPECIFIED,
+        timeout: float = 60,
+    ) -> np.ndarray:
+        """Latents -> uint8 NHWC images."""
+        request = generator_pb2.SynthesizeRequest(
+            model=self.ref(),
+            latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(latents)),
+            image_encoding=encoding,
+            backend=backend,
+        )
+        return wire.decode_images(self.stub.Synthesize(request, timeout=timeout).images)

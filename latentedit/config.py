@@ -1,0 +1,81 @@
+"""Configuration of the suite: one YAML file for all services (see config/local.yaml).
+
+Every field has a default, so an empty file (or none) works. `LATENTEDIT_REPOSITORY`
+overrides the model repository path, which is how containers point at their volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from latentedit.serving import ServingOptions
+
+SERVICE_NAMES = ("generator", "scorer", "trainer", "editor")
+DEFAULT_PORTS = {"generator": 50051, "scorer": 50052, "trainer": 50053, "editor": 50054}
+
+
+@dataclass
+class GeneratorConfig:
+    # Served when a request leaves the model name empty.
+    default_model: str = "dcgan-faces"
+    # auto: TensorRT on CUDA when it imports, else torch on CUDA, else ONNX Runtime on CPU.
+    backend: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+    # fp16 applies to torch and TensorRT on CUDA only.
+    cuda_fp16: bool = True
+    max_batch_size: int = 256
+    max_queue_delay_ms: float = 2.0
+    max_queue_rows: int = 4096
+    max_request_batch: int = 1024
+    # How often the repository is scanned for new model versions.
+    poll_interval_s: float = 5.0
+    threads: int = 0  # intra-op threads for torch and ONNX Runtime; 0: their defaults
+    onnx_opset: int = 17
+
+
+@dataclass
+class Config:
+    repository: str = "model-repo"
+    services: dict[str, ServingOptions] = field(
+        default_factory=lambda: {name: ServingOptions(port=port) for name, port in DEFAULT_PORTS.items()}
+    )
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+    def address(self, service: str) -> str:
+        return f"localhost:{self.services[service].port}"
+
+
+def _merge(instance: Any, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in dataclasses.fields(instance)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return dataclasses.replace(instance, **values)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    config = Config()
+    unknown = set(raw) - {"repository", "services", "generator"}
+    if unknown:
+        raise ValueError(f"config: unknown section(s) {sorted(unknown)}")
+    if "repository" in raw:
+        config.repository = str(raw["repository"])
+    for name, values in (raw.get("services") or {}).items():
+        if name not in SERVICE_NAMES:
+            raise ValueError(f"config.services: unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")
+        config.services[name] = _merge(config.services[name], values or {}, f"config.services.{name}")
+    config.generator = _merge(config.generator, raw.get("generator") or {}, "config.generator")
+    if os.environ.get("LATENTEDIT_REPOSITORY"):
+        config.repository = os.environ["LATENTEDIT_REPOSITORY"]
+    # Relative paths are relative to the working directory.
+    config.repository = str(Path(config.repository).resolve())
+    return config

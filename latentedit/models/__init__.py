@@ -1,0 +1,1 @@
+"""Generator and scorer implementations and their loaders."""

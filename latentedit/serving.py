@@ -1,0 +1,175 @@
+"""Server scaffolding shared by every service.
+
+One `ServiceHost` per process: a gRPC server with explicit message-size limits and bounded
+concurrency, `grpc.health.v1` (NOT_SERVING until the service says it is warm), server
+reflection, one interceptor that turns `LatentEditError`s into status codes, and a graceful
+shutdown on SIGTERM / SIGINT (health goes NOT_SERVING, new calls are refused, calls in flight
+get a grace period to finish).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from latentedit.errors import LatentEditError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingOptions:
+    host: str = "[::]"
+    port: int = 0
+    max_workers: int = 16
+    max_concurrent_rpcs: int = 64
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_period_s: float = 10.0
+
+
+def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:
+    """Options for clients and servers: the same explicit size limits on both sides."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def _already_aborted(context: grpc.ServicerContext) -> bool:
+    code = context.code() if hasattr(context, "code") else None
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -> None:
+    if isinstance(exc, LatentEditError):
+        context.abort(exc.code, exc.message)
+    log.exception("unhandled error in %s", method)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; see the server log")
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Maps LatentEditError to its status code and anything else to INTERNAL, for every RPC."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._wrap_unary(handler.stream_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))
+        if handler.stream_stream:
+            return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, method))
+        return handler
+
+    @staticmethod
+    def _wrap_unary(fn: Callable, method: str) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(request, context):
+            try:
+                return fn(request, context)
+            except Exception as exc:
+                if _already_aborted(context):
+                    raise
+                _abort_for(exc, context, method)
+
+        return wrapper
+
+    @staticmethod
+    def _wrap_stream(fn: Callable, method: str) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(request, context) -> Iterator:
+            try:
+                yield from fn(request, context)
+            except Exception as exc:
+                if _already_aborted(context):
+                    raise
+                _abort_for(exc, context, method)
+
+        return wrapper
+
+
+class ServiceHost:
+    """Hosts one or more servicers on one port with health, reflection and shutdown."""
+
+    def __init__(self, options: ServingOptions) -> None:
+        self.options = options
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
+            interceptors=[ErrorMappingInterceptor()],
+            options=channel_options(options.max_message_bytes),
+            maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names: list[str] = []
+        self._on_shutdown: list[Callable[[], None]] = []
+        self._stop_requested = threading.Event()
+        self.port = 0
+
+    def add(self, register: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str) -> None:
+        register(servicer, self.server)
+        self.service_names.append(full_name)
+
+    def on_shutdown(self, callback: Callable[[], None]) -> None:
+        self._on_shutdown.append(callback)
+
+    def start(self) -> int:
+        names = [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        self.set_serving(False)
+        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.options.host}:{self.options.port}")
+        self.server.start()
+        log.info("listening on port %d: %s", self.port, ", ".join(self.service_names))
+        return self.port
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop_requested.set())
+
+    def wait(self) -> None:
+        """Block until a stop is requested, then shut down gracefully."""
+        while not self._stop_requested.wait(0.5):
+            pass
+        self.stop()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        grace = self.options.grace_period_s if grace_s is None else grace_s
+        log.info("shutting down: health NOT_SERVING, %.1f s grace for calls in flight", grace)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        for callback in self._on_shutdown:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - shutdown goes on
+                log.exception("shutdown callback failed")
+        log.info("stopped")
+
+
+def deadline_seconds(context: grpc.ServicerContext, default: float = 300.0) -> float:
+    """Seconds left before the caller's deadline (a default when it set none)."""
+    remaining = context.time_remaining()
+    return default if remaining is None else max(0.0, remaining)

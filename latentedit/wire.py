@@ -1,0 +1,161 @@
+"""Conversions between numpy arrays / images and the v1 wire messages.
+
+Tensors follow KServe v2: dtype, shape and raw little-endian bytes. Every decode validates
+what a remote caller could get wrong and raises `InvalidArgument` naming the field.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from latentedit.api.v1 import types_pb2
+from latentedit.errors import InvalidArgument
+
+DataType = types_pb2.DataType
+
+NUMPY_DTYPES: dict[int, np.dtype] = {
+    types_pb2.DATA_TYPE_FP32: np.dtype("<f4"),
+    types_pb2.DATA_TYPE_FP16: np.dtype("<f2"),
+    types_pb2.DATA_TYPE_FP64: np.dtype("<f8"),
+    types_pb2.DATA_TYPE_UINT8: np.dtype("u1"),
+    types_pb2.DATA_TYPE_INT32: np.dtype("<i4"),
+    types_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
+    types_pb2.DATA_TYPE_BOOL: np.dtype("?"),
+}
+# Keyed by (kind, itemsize) so that any byte order of a supported type encodes.
+_WIRE_CODES = {(dt.kind, dt.itemsize): code for code, dt in NUMPY_DTYPES.items()}
+
+
+def dtype_name(code: int) -> str:
+    try:
+        return types_pb2.DataType.Name(code)
+    except ValueError:
+        return f"<unknown dtype {code}>"
+
+
+def to_tensor(array: np.ndarray) -> types_pb2.Tensor:
+    """Encode an array as a Tensor (little-endian, C order)."""
+    array = np.asarray(array)
+    code = _WIRE_CODES.get((array.dtype.kind, array.dtype.itemsize))
+    if code is None:
+        raise InvalidArgument(f"dtype {array.dtype} has no wire encoding; allowed: {_allowed_names(NUMPY_DTYPES)}")
+    little = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[code])
+    return types_pb2.Tensor(dtype=code, shape=list(little.shape), raw_data=little.tobytes())
+
+
+def from_tensor(
+    tensor: types_pb2.Tensor,
+    *,
+    field: str,
+    dtypes: Sequence[int] | None = None,
+    shape: Sequence[int | None] | None = None,
+    allow_nonfinite: bool = False,
+) -> np.ndarray:
+    """Decode a Tensor, checking dtype, shape and (for floats) finiteness.
+
+    `shape` entries that are None match any size. Returns a writable native-endian array.
+    """
+    if tensor.dtype not in NUMPY_DTYPES:
+        raise InvalidArgument(f"{field}: dtype {dtype_name(tensor.dtype)} is not set or unknown; allowed: {_allowed_names(dtypes or NUMPY_DTYPES)}")
+    if dtypes is not None and tensor.dtype not in dtypes:
+        raise InvalidArgument(f"{field}: dtype {dtype_name(tensor.dtype)} not allowed here; allowed: {_allowed_names(dtypes)}")
+    dims = list(tensor.shape)
+    if any(d < 0 for d in dims):
+        raise InvalidArgument(f"{field}: shape {dims} has a negative dimension")
+    dtype = NUMPY_DTYPES[tensor.dtype]
+    expected_bytes = math.prod(dims) * dtype.itemsize
+    if len(tensor.raw_data) != expected_bytes:
+        raise InvalidArgument(
+            f"{field}: raw_data has {len(tensor.raw_data)} bytes, but shape {dims} of {dtype_name(tensor.dtype)} needs {expected_bytes}"
+        )
+    if shape is not None:
+        if len(dims) != len(shape) or any(want is not None and want != got for want, got in zip(shape, dims)):
+            want_text = "[" + ", ".join("N" if w is None else str(w) for w in shape) + "]"
+            raise InvalidArgument(f"{field}: shape {dims} does not match the expected {want_text}")
+    array = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="), copy=True)
+    if not allow_nonfinite and array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InvalidArgument(f"{field}: {bad} value(s) are NaN or infinite; all values must be finite")
+    return array
+
+
+def _allowed_names(codes) -> str:
+    return ", ".join(dtype_name(c) for c in codes)
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+
+def float_to_uint8_images(images: np.ndarray) -> np.ndarray:
+    """Generator output NCHW in [-1, 1] -> uint8 NHWC."""
+    scaled = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(scaled.transpose(0, 2, 3, 1))
+
+
+def encode_images(images: np.ndarray, encoding: int) -> types_pb2.ImageBatch:
+    """uint8 NHWC -> ImageBatch in the requested encoding (UNSPECIFIED means raw)."""
+    if encoding == types_pb2.IMAGE_ENCODING_PNG:
+        return types_pb2.ImageBatch(encoding=encoding, png=[encode_png(img) for img in images])
+    if encoding in (types_pb2.IMAGE_ENCODING_RAW_UINT8, types_pb2.IMAGE_ENCODING_UNSPECIFIED):
+        return types_pb2.ImageBatch(encoding=types_pb2.IMAGE_ENCODING_RAW_UINT8, raw=to_tensor(images))
+    raise InvalidArgument(f"image_encoding {encoding} is unknown; allowed: IMAGE_ENCODING_RAW_UINT8, IMAGE_ENCODING_PNG")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    mode = "L" if image.shape[-1] == 1 else "RGB"
+    Image.fromarray(image[..., 0] if mode == "L" else image, mode=mode).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_images(batch: types_pb2.ImageBatch, *, field: str = "images", channels: int = 3) -> np.ndarray:
+    """ImageBatch -> uint8 NHWC with `channels` channels; all images must share one size."""
+    if batch.encoding == types_pb2.IMAGE_ENCODING_PNG:
+        if not batch.png:
+            raise InvalidArgument(f"{field}: PNG encoding selected but no images given")
+        decoded = [_decode_png(data, f"{field}.png[{i}]", channels) for i, data in enumerate(batch.png)]
+        sizes = {img.shape for img in decoded}
+        if len(sizes) > 1:
+            raise InvalidArgument(f"{field}: images differ in size {sorted(sizes)}; one batch must share one size")
+        return np.stack(decoded)
+    if batch.encoding in (types_pb2.IMAGE_ENCODING_RAW_UINT8, types_pb2.IMAGE_ENCODING_UNSPECIFIED):
+        images = from_tensor(batch.raw, field=f"{field}.raw", dtypes=[types_pb2.DATA_TYPE_UINT8])
+        if images.ndim != 4:
+            raise InvalidArgument(f"{field}.raw: shape {list(images.shape)} must be [N, H, W, C]")
+        if images.shape[-1] != channels:
+            raise InvalidArgument(f"{field}.raw: {images.shape[-1]} channels, expected {channels} (RGB, NHWC)")
+        if images.shape[0] == 0:
+            raise InvalidArgument(f"{field}: the batch is empty")
+        return images
+    raise InvalidArgument(f"{field}.encoding {batch.encoding} is unknown; allowed: IMAGE_ENCODING_RAW_UINT8, IMAGE_ENCODING_PNG")
+
+
+def _decode_png(data: bytes, field: str, channels: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "PNG":
+                raise InvalidArgument(f"{field}: not a PNG file (found {img.format})")
+            img.load()
+            bands = len(img.getbands())
+            if bands not in (1, 3, 4) or (channels == 3 and bands == 1):
+                raise InvalidArgument(f"{field}: image has {bands} channel(s) ({img.mode}), expected {channels}")
+            return np.asarray(img.convert("RGB" if channels == 3 else "L")).reshape(img.height, img.width, channels)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidArgument(f"{field}: corrupt or unreadable PNG ({exc})") from exc
+
+
+def image_grid(images: np.ndarray, columns: int, padding: int = 2) -> np.ndarray:
+    """uint8 NHWC -> one uint8 HWC grid image with white padding."""
+    count, height, width, chans = images.shape
+    rows = math.ceil(count / columns)
+    grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, chans), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        top, left = padding + r * (height + padding), padding + c * (width + padding)
+        grid[top : top + height, left : left + width] = img
+    return grid

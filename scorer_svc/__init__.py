@@ -1,0 +1,1 @@
+"""gRPC adapter for the ScorerService (API v1)."""

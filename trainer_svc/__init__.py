@@ -1,0 +1,1 @@
+"""gRPC adapter for the TrainerService (API v1)."""
