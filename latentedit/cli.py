@@ -99,7 +99,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     columns = args.columns or int(np.ceil(np.sqrt(args.count)))
-    Image.fromarray(wire.image_grid(images, columns)).save(out)
+    grid = Image.fromarray(wire.image_grid(images, columns))
+    if args.scale > 1:  # 64 px faces are tiny on screen; nearest keeps the real pixels
+        grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.NEAREST)
+    grid.save(out)
     print(f"wrote {out} ({args.count} faces, seed {args.seed}, {where})")
     return 0
 
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--count", type=int, default=16)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--columns", type=int, default=0)
+    gen.add_argument("--scale", type=int, default=2, help="enlarge the grid this many times for viewing")
     gen.add_argument("--model", default="", help="generator name (default: the service's default)")
     gen.add_argument("--target", default="", help="generator address (default: from the config)")
     gen.add_argument("--in-process", action="store_true", help="run the generator here instead of calling the service")

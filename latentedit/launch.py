@@ -52,9 +52,9 @@ def serve_one(name: str, config: Config) -> None:
 def serve_all(config_path: Path | None, names: list[str]) -> int:
     """Run each service as its own process (as in Kubernetes); forward SIGTERM; exit when one dies."""
     children: dict[str, subprocess.Popen] = {}
-    base = [sys.executable, "-m", "latentedit", "serve"]
+    base = [sys.executable, "-m", "latentedit"] + (["--config", str(config_path)] if config_path else [])
     for name in names:
-        args = [*base, name] + (["--config", str(config_path)] if config_path else [])
+        args = [*base, "serve", name]
         children[name] = subprocess.Popen(args, env=os.environ.copy())
     stopping = False
 

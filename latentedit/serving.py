@@ -156,9 +156,12 @@ class ServiceHost:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
+    def _label(self) -> str:
+        return ", ".join(name.rsplit(".", 1)[-1] for name in self.service_names) or "server"
+
     def stop(self, grace_s: float | None = None) -> None:
         grace = self.options.grace_period_s if grace_s is None else grace_s
-        log.info("shutting down: health NOT_SERVING, %.1f s grace for calls in flight", grace)
+        log.info("%s shutting down: health NOT_SERVING, %.1f s grace for calls in flight", self._label(), grace)
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         for callback in self._on_shutdown:
@@ -166,7 +169,7 @@ class ServiceHost:
                 callback()
             except Exception:  # noqa: BLE001 - shutdown goes on
                 log.exception("shutdown callback failed")
-        log.info("stopped")
+        log.info("%s stopped", self._label())
 
 
 def deadline_seconds(context: grpc.ServicerContext, default: float = 300.0) -> float:

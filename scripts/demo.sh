@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job: set up, serve the four services on the embedded default models, and write
+# images a person can look at (out/faces.png), then shut the services down cleanly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+CONFIG=${LATENTEDIT_CONFIG:-config/local.yaml}
+LE=(.venv/bin/python -m latentedit --config "$CONFIG")
+mkdir -p out
+"${LE[@]}" serve > out/serve.log 2>&1 &
+SERVE_PID=$!
+trap 'kill -TERM $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null || true' EXIT
+"${LE[@]}" wait --timeout 180 || { echo "services did not come up; see out/serve.log"; tail -20 out/serve.log; exit 1; }
+"${LE[@]}" generate --count 16 --seed 0 --out out/faces.png
+echo "open out/faces.png to see the faces; service logs are in out/serve.log"

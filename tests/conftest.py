@@ -1,0 +1,69 @@
+"""Shared fixtures: a model repository with the default generator, and in-process servers."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from latentedit.config import Config, GeneratorConfig
+from latentedit.install import install_defaults
+from latentedit.repository import ModelRepository
+from latentedit.serving import ServingOptions, channel_options
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def installed_repo(tmp_path_factory) -> ModelRepository:
+    """A repository with the default models, installed once per test session."""
+    repo = ModelRepository(tmp_path_factory.mktemp("model-repo"))
+    install_defaults(repo, log=lambda _msg: None)
+    return repo
+
+
+@pytest.fixture
+def fresh_repo(installed_repo, tmp_path) -> ModelRepository:
+    """A private copy of the installed repository that a test may change."""
+    target = tmp_path / "repo"
+    shutil.copytree(installed_repo.root, target, ignore=shutil.ignore_patterns(".cache"))
+    return ModelRepository(target)
+
+
+def make_config(repo: ModelRepository, **generator_overrides) -> Config:
+    config = Config(repository=str(repo.root))
+    for options in config.services.values():
+        options.port = 0  # let the OS choose
+        options.grace_period_s = 2.0
+    config.generator = GeneratorConfig(poll_interval_s=0.5, **generator_overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def generator_server(installed_repo) -> Iterator[tuple[str, object]]:
+    """A generator service in this process on a free port: yields (address, pool)."""
+    from generator_svc.server import build
+
+    host, pool = build(make_config(installed_repo))
+    yield f"localhost:{host.port}", pool
+    host.stop(0)
+
+
+@pytest.fixture(scope="module")
+def generator_channel(generator_server) -> Iterator[grpc.Channel]:
+    channel = grpc.insecure_channel(generator_server[0], options=channel_options())
+    yield channel
+    channel.close()

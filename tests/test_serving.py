@@ -1,0 +1,66 @@
+"""Shared server scaffolding: error mapping, reflection, graceful shutdown."""
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from latentedit.api.v1 import generator_pb2, generator_pb2_grpc
+from latentedit.errors import FailedPrecondition
+from latentedit.serving import ServiceHost, ServingOptions
+
+
+class _Flaky(generator_pb2_grpc.GeneratorServiceServicer):
+    def ListModels(self, request, context):
+        raise ZeroDivisionError("a bug")
+
+    def Sample(self, request, context):
+        raise FailedPrecondition("boundary 'smile' is not trained yet")
+
+    def SynthesizeStream(self, request_iterator, context):
+        yield generator_pb2.SynthesizeResponse(request_id="first")
+        raise FailedPrecondition("stream broke after one answer")
+
+
+@pytest.fixture
+def flaky_stub():
+    host = ServiceHost(ServingOptions(port=0))
+    host.add(generator_pb2_grpc.add_GeneratorServiceServicer_to_server, _Flaky(), "latentedit.v1.GeneratorService")
+    host.start()
+    channel = grpc.insecure_channel(f"localhost:{host.port}")
+    yield generator_pb2_grpc.GeneratorServiceStub(channel)
+    channel.close()
+    host.stop(0)
+
+
+def test_unexpected_exceptions_become_internal_without_leaking_details(flaky_stub):
+    with pytest.raises(grpc.RpcError) as info:
+        flaky_stub.ListModels(generator_pb2.ListModelsRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "ZeroDivisionError" in info.value.details() and "a bug" not in info.value.details()
+
+
+def test_typed_errors_keep_their_code_in_unary_and_streaming_calls(flaky_stub):
+    with pytest.raises(grpc.RpcError) as info:
+        flaky_stub.Sample(generator_pb2.SampleRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details() == "boundary 'smile' is not trained yet"
+    stream = flaky_stub.SynthesizeStream(iter([generator_pb2.SynthesizeRequest()]), timeout=5)
+    assert next(stream).request_id == "first"
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_unimplemented_methods_say_so(flaky_stub):
+    with pytest.raises(grpc.RpcError) as info:
+        flaky_stub.Synthesize(generator_pb2.SynthesizeRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_reflection_serves_the_full_generator_api(generator_channel):
+    database = ProtoReflectionDescriptorDatabase(generator_channel)
+    services = set(database.get_services())
+    assert {"latentedit.v1.GeneratorService", "grpc.health.v1.Health"} <= services
+    service = descriptor_pool.DescriptorPool(database).FindServiceByName("latentedit.v1.GeneratorService")
+    assert {m.name for m in service.methods} == {"ListModels", "Sample", "Synthesize", "SynthesizeStream"}

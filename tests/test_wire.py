@@ -1,0 +1,80 @@
+"""The tensor and image codec: round trips and every class of malformed payload."""
+
+import numpy as np
+import pytest
+
+from latentedit import wire
+from latentedit.api.v1 import types_pb2
+from latentedit.errors import InvalidArgument
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.uint8, np.int32, np.int64, np.bool_])
+def test_round_trip_keeps_dtype_shape_and_values(dtype):
+    array = (np.arange(24).reshape(2, 3, 4) % 7).astype(dtype)
+    back = wire.from_tensor(wire.to_tensor(array), field="x")
+    assert back.dtype == array.dtype and back.shape == array.shape
+    np.testing.assert_array_equal(back, array)
+
+
+def test_big_endian_input_is_sent_little_endian():
+    array = np.arange(5, dtype=">f4")
+    tensor = wire.to_tensor(array)
+    assert tensor.raw_data == np.arange(5, dtype="<f4").tobytes()
+
+
+def test_unsupported_dtype_is_refused():
+    with pytest.raises(InvalidArgument, match="no wire encoding"):
+        wire.to_tensor(np.zeros(3, dtype=np.complex64))
+
+
+def test_byte_count_must_match_shape():
+    tensor = types_pb2.Tensor(dtype=types_pb2.DATA_TYPE_FP32, shape=[2, 3], raw_data=b"\0" * 20)
+    with pytest.raises(InvalidArgument, match="20 bytes.*needs 24"):
+        wire.from_tensor(tensor, field="latents")
+
+
+def test_unset_dtype_is_named():
+    tensor = types_pb2.Tensor(shape=[1], raw_data=b"\0" * 4)
+    with pytest.raises(InvalidArgument, match="latents: dtype DATA_TYPE_UNSPECIFIED"):
+        wire.from_tensor(tensor, field="latents")
+
+
+def test_shape_and_dtype_constraints():
+    tensor = wire.to_tensor(np.zeros((4, 99), np.float32))
+    with pytest.raises(InvalidArgument, match=r"shape \[4, 99\] does not match the expected \[N, 100\]"):
+        wire.from_tensor(tensor, field="latents", shape=[None, 100])
+    with pytest.raises(InvalidArgument, match="not allowed here"):
+        wire.from_tensor(tensor, field="latents", dtypes=[types_pb2.DATA_TYPE_UINT8])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused(bad):
+    array = np.zeros((3, 4), np.float32)
+    array[1, 2] = bad
+    with pytest.raises(InvalidArgument, match="1 value\\(s\\) are NaN or infinite"):
+        wire.from_tensor(wire.to_tensor(array), field="latents")
+
+
+def test_images_round_trip_raw_and_png():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+    for encoding in (types_pb2.IMAGE_ENCODING_RAW_UINT8, types_pb2.IMAGE_ENCODING_PNG):
+        np.testing.assert_array_equal(wire.decode_images(wire.encode_images(images, encoding)), images)
+
+
+def test_corrupt_png_is_invalid_argument():
+    batch = types_pb2.ImageBatch(encoding=types_pb2.IMAGE_ENCODING_PNG, png=[b"\x89PNG\r\n\x1a\nnot really"])
+    with pytest.raises(InvalidArgument, match=r"images.png\[0\]: corrupt"):
+        wire.decode_images(batch)
+
+
+def test_raw_images_need_three_channels_and_a_batch():
+    with pytest.raises(InvalidArgument, match="4 channels, expected 3"):
+        wire.decode_images(wire.encode_images(np.zeros((1, 4, 4, 4), np.uint8), types_pb2.IMAGE_ENCODING_RAW_UINT8))
+    with pytest.raises(InvalidArgument, match="empty"):
+        wire.decode_images(wire.encode_images(np.zeros((0, 4, 4, 3), np.uint8), types_pb2.IMAGE_ENCODING_RAW_UINT8))
+
+
+def test_float_images_map_to_full_uint8_range():
+    floats = np.array([-1.0, 0.0, 1.0], np.float32).reshape(1, 1, 1, 3)
+    np.testing.assert_array_equal(wire.float_to_uint8_images(floats.transpose(0, 3, 1, 2)).ravel(), [0, 128, 255])
