@@ -25,6 +25,9 @@ from grpc_reflection.v1alpha import reflection
 from latentedit.errors import LatentEditError
 
 log = logging.getLogger(__name__)
+# Health service name that reports the process alive, for Kubernetes liveness probes: it
+# stays SERVING while models load (readiness, under "", is NOT_SERVING then).
+LIVENESS = "liveness"
 
 
 @dataclass
@@ -139,9 +142,11 @@ class ServiceHost:
         return self.port
 
     def set_serving(self, serving: bool) -> None:
+        """Readiness: "" and each service name. "liveness" is SERVING while the process runs."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             self.health.set(name, status)
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):

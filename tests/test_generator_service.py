@@ -271,6 +271,8 @@ def test_health_is_not_serving_until_a_model_is_loaded(tmp_path, installed_repo)
         health = health_pb2_grpc.HealthStub(channel)
         check = lambda: health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status  # noqa: E731
         assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+        liveness = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status
+        assert liveness == health_pb2.HealthCheckResponse.SERVING
         stub = generator_pb2_grpc.GeneratorServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             stub.Sample(generator_pb2.SampleRequest(count=1), timeout=5)

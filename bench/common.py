@@ -1,0 +1,51 @@
+"""Helpers shared by the benchmark scripts: timing loops, machine description, RESULTS.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def rate(fn: Callable[[], int], min_seconds: float, min_calls: int = 3) -> float:
+    """Items per second of `fn` (which returns how many items it processed), after one warm-up call."""
+    fn()
+    items, calls, start = 0, 0, time.perf_counter()
+    while calls < min_calls or time.perf_counter() - start < min_seconds:
+        items += fn()
+        calls += 1
+    return items / (time.perf_counter() - start)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}){gpu}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def record(section: str, command: str, body: str) -> None:
+    """Replace (or append) `section` in bench/RESULTS.md with the command, machine, date and body."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    block = (
+        f"<!-- {section}:start -->\n## {section}\n\n"
+        f"- command: `{command}`\n- machine: {machine()}\n- date: {stamp}\n\n{body.rstrip()}\n<!-- {section}:end -->\n"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nEach section is rewritten by the script named in it.\n\n"
+    pattern = re.compile(rf"<!-- {re.escape(section)}:start -->.*?<!-- {re.escape(section)}:end -->\n", re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
+    RESULTS.write_text(text)

@@ -1,0 +1,166 @@
+"""Generator throughput: images/s through gRPC vs in-process, per backend, encoding and batch.
+
+    .venv/bin/python bench/generator.py [--seconds 1.5] [--batches 1 64 256]
+
+Both sides do the same work per call (run the backend, convert to uint8, encode raw or PNG
+into the response message); the gRPC side adds the transport, (de)serialisation and the
+service's batcher. The server is one `latentedit serve generator` process; the in-process
+side is this one process; both use the same thread settings. The ratio column is
+gRPC / in-process images/s, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import rate, record  # noqa: E402
+from generator_svc.backends import BACKEND_NAMES  # noqa: E402
+from generator_svc.pool import GeneratorPool  # noqa: E402
+from latentedit import wire  # noqa: E402
+from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2  # noqa: E402
+from latentedit.client import connect, wait_serving  # noqa: E402
+from latentedit.config import GeneratorConfig, load_config  # noqa: E402
+from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER  # noqa: E402
+from latentedit.repository import ModelRepository  # noqa: E402
+
+ENCODINGS = {"raw": types_pb2.IMAGE_ENCODING_RAW_UINT8, "png": types_pb2.IMAGE_ENCODING_PNG}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repository: str, device: str, fp16: bool) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    config = {
+        "repository": repository,
+        "services": {"generator": {"port": port}},
+        "generator": {"device": device, "cuda_fp16": fp16, "max_queue_rows": 100000},
+    }
+    path = Path(tempfile.mkdtemp()) / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "latentedit", "--config", str(path), "serve", "generator"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"localhost:{port}"
+    wait_serving(connect(address), timeout_s=180, what="generator")
+    return process, address, path
+
+
+def measure(args: argparse.Namespace, device: str, fp16: bool, backends: list[int]) -> list[tuple]:
+    repository = load_config(ROOT / "config" / "local.yaml").repository
+    pool = GeneratorPool(ModelRepository(repository), GeneratorConfig(device=device, cuda_fp16=fp16))
+    loaded = pool.get("")
+    process, address, _ = start_server(repository, device, fp16)
+    stub = generator_pb2_grpc.GeneratorServiceStub(connect(address))
+    rows = []
+    try:
+        for kind in backends:
+            backend = loaded.backends[kind]
+            for enc_name, encoding in ENCODINGS.items():
+                for batch in args.batches:
+                    z = np.random.default_rng(batch).standard_normal((batch, 100)).astype(np.float32)
+                    request = generator_pb2.SynthesizeRequest(
+                        latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(z)),
+                        image_encoding=encoding,
+                        backend=kind,
+                    )
+
+                    def in_process() -> int:
+                        floats = backend.run(z, INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER]
+                        wire.encode_images(wire.float_to_uint8_images(floats), encoding)
+                        return batch
+
+                    def through_grpc() -> int:
+                        response = stub.Synthesize(request, timeout=120)
+                        assert response.backend == kind
+                        return batch
+
+                    local = rate(in_process, args.seconds)
+                    remote = rate(through_grpc, args.seconds)
+                    label = BACKEND_NAMES[kind] + (f" ({device}{' fp16' if fp16 and device == 'cuda' else ''})")
+                    rows.append((label, enc_name, batch, local, remote))
+                    print(f"{label:28s} {enc_name:4s} batch {batch:4d}: in-process {local:9.1f} img/s, "
+                          f"gRPC {remote:9.1f} img/s, ratio {remote / local:.2f}", flush=True)
+        rows_concurrent = concurrent_callers(stub, args.seconds)
+    finally:
+        process.terminate()
+        process.wait(30)
+        pool.close()
+    return rows, rows_concurrent
+
+
+def concurrent_callers(stub, seconds: float) -> list[tuple[int, float]]:
+    """Batch-1 callers in parallel threads: the service batches their rows together."""
+    import threading
+    import time
+
+    z = np.random.default_rng(0).standard_normal((1, 100)).astype(np.float32)
+    request = generator_pb2.SynthesizeRequest(
+        latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(z)),
+        backend=types_pb2.BACKEND_ONNXRUNTIME,
+    )
+    results = []
+    for callers in (1, 4, 16):
+        counts = [0] * callers
+        stop = time.perf_counter() + seconds
+
+        def loop(i: int) -> None:
+            while time.perf_counter() < stop:
+                stub.Synthesize(request, timeout=60)
+                counts[i] += 1
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results.append((callers, sum(counts) / (time.perf_counter() - start)))
+        print(f"{callers:3d} concurrent batch-1 callers (onnxruntime, raw): {results[-1][1]:8.1f} img/s", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=1.5, help="minimum timing window per cell")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    rows, concurrent = measure(args, "cpu", False, [types_pb2.BACKEND_TORCH, types_pb2.BACKEND_ONNXRUNTIME])
+    if torch.cuda.is_available():
+        rows += measure(args, "cuda", False, [types_pb2.BACKEND_TORCH])[0]
+        rows += measure(args, "cuda", True, [types_pb2.BACKEND_TORCH])[0]
+    table = ["| backend | encoding | batch | in-process img/s | gRPC img/s | gRPC / in-process |", "|---|---|---|---|---|---|"]
+    table += [f"| {b} | {e} | {n} | {l:.1f} | {r:.1f} | {r / l:.2f} |" for b, e, n, l, r in rows]
+    table += ["", "Concurrent batch-1 callers through gRPC (onnxruntime, raw); the service's batcher merges their rows:", "",
+              "| callers | img/s | vs 1 caller |", "|---|---|---|"]
+    table += [f"| {n} | {r:.1f} | {r / concurrent[0][1]:.2f} |" for n, r in concurrent]
+    if not torch.cuda.is_available():
+        table.append("\nNo GPU on this machine: the CUDA rows (torch fp32/fp16) are added when the script runs on one.")
+    if not args.no_record:
+        record("Generator throughput", " ".join(["python bench/generator.py", *sys.argv[1:]]), "\n".join(table))
+        print("recorded in bench/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
