@@ -68,7 +68,13 @@ class LoadedGenerator:
         return self.backends[types_pb2.BACKEND_TORCH]
 
     def run(
-        self, backend: GeneratorBackend, x: np.ndarray, from_layer: str, to_layers: Sequence[str], timeout_s: float
+        self,
+        backend: GeneratorBackend,
+        x: np.ndarray,
+        from_layer: str,
+        to_layers: Sequence[str],
+        timeout_s: float,
+        on_abandon: Callable[[Callable[[], None]], object] | None = None,
     ) -> dict[str, np.ndarray]:
         key = (backend.kind, from_layer, tuple(to_layers))
         with self._lock:
@@ -82,7 +88,7 @@ class LoadedGenerator:
                     name=f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}",
                 )
                 self._batchers[key] = batcher
-        return batcher.run(x, timeout_s)
+        return batcher.run(x, timeout_s, on_abandon)
 
     def warm_up(self) -> None:
         """One small batch through every backend so the first real call pays no set-up cost."""

@@ -7,10 +7,11 @@ import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
+from generator_svc.backends import GeneratorBackend
 from generator_svc.pool import GeneratorPool, LoadedGenerator
 from latentedit import wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2
@@ -57,6 +58,15 @@ def _space(loaded: LoadedGenerator, code: int) -> LatentSpaceSpec:
     allowed = ", ".join(types_pb2.LatentSpace.Name(SPACE_CODES[s.space]) for s in spaces)
     name = types_pb2.LatentSpace.Name(code) if code in types_pb2.LatentSpace.values() else str(code)
     raise InvalidArgument(f"{loaded.entry.name} has no latent space {name}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class _SynthesisJob:
+    loaded: LoadedGenerator
+    backend: GeneratorBackend
+    inputs: np.ndarray
+    from_layer: str
+    to_layers: list[str]
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
@@ -113,9 +123,12 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
 
     # ---- helpers --------------------------------------------------------------------------
 
-    def _answer(self, request, context):
-        loaded, run = self._prepare(request)
-        return self._finish(loaded, request, *run(deadline_seconds(context)))
+    def _answer(self, request, context) -> generator_pb2.SynthesizeResponse:
+        job = self._prepare(request)
+        outputs = job.loaded.run(
+            job.backend, job.inputs, job.from_layer, job.to_layers, deadline_seconds(context), context.add_callback
+        )
+        return self._finish(job, request, outputs)
 
     def _model(self, ref: types_pb2.ModelRef) -> LoadedGenerator:
         return self.pool.get(ref.name, ref.version)
@@ -133,8 +146,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
                 f"{field}: batch of {count} is larger than the limit {loaded.config.max_request_batch}; split it"
             )
 
-    def _prepare(self, request):
-        """Validate a Synthesize request; returns the model and a deferred run(timeout)."""
+    def _prepare(self, request) -> _SynthesisJob:
+        """Validate a Synthesize request and decide what to run where."""
         loaded = self._model(request.model)
         spec = loaded.spec
         which = request.WhichOneof("input")
@@ -168,16 +181,11 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         if not to_layers:
             raise InvalidArgument("nothing to return: omit_images is set and return_layers is empty")
         backend = loaded.choose_backend(request.backend, from_layer, to_layers)
-        x = x.astype(np.float32, copy=False)
+        return _SynthesisJob(loaded, backend, x.astype(np.float32, copy=False), from_layer, to_layers)
 
-        def run(timeout_s: float):
-            return loaded.run(backend, x, from_layer, to_layers, timeout_s), backend
-
-        return loaded, run
-
-    def _finish(self, loaded: LoadedGenerator, request, outputs: dict[str, np.ndarray], backend):
+    def _finish(self, job: _SynthesisJob, request, outputs: dict[str, np.ndarray]) -> generator_pb2.SynthesizeResponse:
         response = generator_pb2.SynthesizeResponse(
-            model=self._ref(loaded), backend=backend.kind, request_id=request.request_id
+            model=self._ref(job.loaded), backend=job.backend.kind, request_id=request.request_id
         )
         if not request.omit_images:
             images = wire.float_to_uint8_images(outputs[IMAGE_LAYER])

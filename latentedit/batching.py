@@ -13,13 +13,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from latentedit.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from latentedit.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,27 @@ class DynamicBatcher:
             self._cond.notify()
         return pending.future
 
-    def run(self, rows: np.ndarray, timeout_s: float | None = None) -> dict[str, np.ndarray]:
-        """Submit and wait; raises DeadlineExceeded when `timeout_s` passes first."""
+    def run(
+        self,
+        rows: np.ndarray,
+        timeout_s: float | None = None,
+        on_abandon: Callable[[Callable[[], None]], object] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Submit and wait; raises DeadlineExceeded when `timeout_s` passes first.
+
+        `on_abandon` registers a callback for when the caller goes away (gRPC's
+        `context.add_callback`): a request still queued then is dropped, not computed.
+        """
         future = self.submit(rows)
+        if on_abandon is not None:
+            on_abandon(future.cancel)
         try:
             return future.result(timeout=timeout_s)
         except FutureTimeout as exc:
             future.cancel()  # the worker skips it if it has not started yet
             raise DeadlineExceeded(f"no result within the deadline ({timeout_s:.3f} s left when queued)") from exc
+        except CancelledError as exc:
+            raise Cancelled("the caller cancelled the request") from exc
 
     def close(self) -> None:
         with self._cond:

@@ -13,7 +13,7 @@ import torch
 from latentedit.config import Config, GeneratorConfig
 from latentedit.install import install_defaults
 from latentedit.repository import ModelRepository
-from latentedit.serving import ServingOptions, channel_options
+from latentedit.serving import channel_options
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -86,3 +86,36 @@ def test_deadline_is_reported():
         batcher.run(np.zeros((1, 1)), timeout_s=0.1)
     gate.set()
     batcher.close()
+
+
+def test_an_abandoned_request_is_dropped_before_it_runs():
+    gate = threading.Event()
+    seen = []
+
+    def record(rows):
+        gate.wait(5)
+        seen.append(rows[:, 0].tolist())
+        return {"y": rows}
+
+    batcher = DynamicBatcher(record, max_batch_size=1, max_queue_delay_s=0, max_queue_rows=100)
+    blocker = batcher.submit(np.zeros((1, 1)))  # occupies the worker
+    time.sleep(0.1)
+    callbacks = []
+    caller_error = []
+
+    def call():
+        try:
+            batcher.run(np.ones((1, 1)), timeout_s=5, on_abandon=callbacks.append)
+        except Exception as exc:  # noqa: BLE001
+            caller_error.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.1)
+    callbacks[0]()  # the RPC ended: gRPC runs the registered callback
+    caller.join(5)
+    gate.set()
+    blocker.result(5)
+    batcher.close()
+    assert seen == [[0.0]], "the abandoned request must not reach the backend"
+    assert type(caller_error[0]).__name__ == "Cancelled"

@@ -18,7 +18,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
-from latentedit import wire
 from latentedit.api.v1 import editor_pb2, generator_pb2, scorer_pb2, trainer_pb2, types_pb2
 from latentedit.client import GeneratorClient, connect, wait_serving
 

@@ -64,3 +64,37 @@ def test_reflection_serves_the_full_generator_api(generator_channel):
     assert {"latentedit.v1.GeneratorService", "grpc.health.v1.Health"} <= services
     service = descriptor_pool.DescriptorPool(database).FindServiceByName("latentedit.v1.GeneratorService")
     assert {m.name for m in service.methods} == {"ListModels", "Sample", "Synthesize", "SynthesizeStream"}
+
+
+class _Blocking(generator_pb2_grpc.GeneratorServiceServicer):
+    def __init__(self):
+        import threading
+
+        self.release = threading.Event()
+
+    def ListModels(self, request, context):
+        self.release.wait(10)
+        return generator_pb2.ListModelsResponse()
+
+
+def test_concurrency_is_bounded_with_resource_exhausted():
+    import time
+
+    servicer = _Blocking()
+    host = ServiceHost(ServingOptions(port=0, max_concurrent_rpcs=2))
+    host.add(generator_pb2_grpc.add_GeneratorServiceServicer_to_server, servicer, "latentedit.v1.GeneratorService")
+    host.start()
+    try:
+        stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"localhost:{host.port}"))
+        in_flight = [stub.ListModels.future(generator_pb2.ListModelsRequest(), timeout=10) for _ in range(2)]
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ListModels(generator_pb2.ListModelsRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        servicer.release.set()
+        for call in in_flight:
+            call.result()
+        stub.ListModels(generator_pb2.ListModelsRequest(), timeout=5)  # served again once a slot frees
+    finally:
+        servicer.release.set()
+        host.stop(0)
