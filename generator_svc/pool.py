@@ -32,6 +32,7 @@ from latentedit.errors import FailedPrecondition, InvalidArgument
 from latentedit.models.generator import StagedGenerator
 from latentedit.models.registry import load_generator
 from latentedit.repository import Entry, ModelRepository
+from latentedit.serving import PeriodicTask
 
 log = logging.getLogger(__name__)
 GENERATOR_KIND = "generator"
@@ -118,8 +119,7 @@ class GeneratorPool:
         self.device = resolve_device(config.device)
         self._loaded: dict[tuple[str, int], LoadedGenerator] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        self._poller: PeriodicTask | None = None
 
     def get(self, name: str, version: int = 0) -> LoadedGenerator:
         """The loaded (name, version); an empty name means the configured default model."""
@@ -185,20 +185,15 @@ class GeneratorPool:
     def start_polling(self, on_refresh: Callable[[list[LoadedGenerator]], None] | None = None) -> None:
         """Scan the repository every poll interval; `on_refresh` gets what is loaded after each scan."""
 
-        def poll() -> None:
-            while not self._stop.wait(self.config.poll_interval_s):
-                try:
-                    loaded = self.refresh()
-                except Exception:  # noqa: BLE001 - keep polling; the next scan may succeed
-                    log.exception("repository scan failed")
-                    continue
-                if on_refresh is not None:
-                    on_refresh(loaded)
+        def scan() -> None:
+            loaded = self.refresh()
+            if on_refresh is not None:
+                on_refresh(loaded)
 
-        self._poller = threading.Thread(target=poll, name="repo-poll", daemon=True)
-        self._poller.start()
+        self._poller = PeriodicTask("repo-poll", self.config.poll_interval_s, scan)
 
     def close(self) -> None:
-        self._stop.set()
+        if self._poller is not None:
+            self._poller.stop()
         for loaded in list(self._loaded.values()):
             loaded.close()

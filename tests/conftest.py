@@ -67,3 +67,27 @@ def generator_channel(generator_server) -> Iterator[grpc.Channel]:
     channel = grpc.insecure_channel(generator_server[0], options=channel_options())
     yield channel
     channel.close()
+
+
+@pytest.fixture(scope="session")
+def face_latents_and_images(installed_repo):
+    """256 default-generator faces (uint8 NHWC) and their latents, made in-process once."""
+    from latentedit.models.generator import sample_latents
+    from latentedit.models.registry import load_generator
+    from latentedit.wire import float_to_uint8_images
+
+    generator = load_generator(installed_repo.resolve("dcgan-faces"))
+    z = sample_latents(generator.spec.latent_spaces[0], 256, seed=7)
+    with torch.no_grad():
+        images = float_to_uint8_images(generator(torch.from_numpy(z)).numpy())
+    return z, images, generator
+
+
+@pytest.fixture(scope="module")
+def scorer_server(installed_repo):
+    """A scorer service in this process on a free port: yields (address, scorer)."""
+    from scorer_svc.server import build
+
+    host, scorer = build(make_config(installed_repo))
+    yield f"localhost:{host.port}", scorer
+    host.stop(0)

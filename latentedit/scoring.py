@@ -1,0 +1,246 @@
+"""Scorer heads: named measurements of face images, each declared by a repository manifest.
+
+A head entry (kind "head") names its implementation, its output schema and the repository
+entries of the models it runs (kind "scorer-model"); a model shared by several heads (the
+dlib 68-point predictor, MTCNN) is loaded once. Heads may depend on other heads' outputs
+(the caption is built from pose, expression and age/gender), and every request computes each
+head at most once. Images arrive as uint8 RGB [N, H, W, 3] of any size: each head resizes to
+the size its networks were built for, and keypoints are reported in the caller's pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from latentedit.errors import FailedPrecondition, InvalidArgument, NotFound
+from latentedit.repository import Entry, ModelRepository
+
+log = logging.getLogger(__name__)
+
+HEAD_KIND = "head"
+MODEL_KIND = "scorer-model"
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 32, 1024
+# dlib and MTCNN were tuned on faces of this size; the DCGAN's 64 px faces are upscaled to it.
+FACE_SIZE = 160
+FACE_BOX = (8, 8, 152, 152)  # the faces are already cropped: a fixed box beats dlib's detectors
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    shape: tuple[int, ...]  # per image
+    min: float = 0.0
+    max: float = 0.0
+    labels: tuple[str, ...] = ()
+    description: str = ""
+
+    @classmethod
+    def from_manifest(cls, data: dict[str, Any]) -> OutputSpec:
+        return cls(
+            name=data["name"],
+            shape=tuple(int(d) for d in data.get("shape", [])),
+            min=float(data.get("min", 0.0)),
+            max=float(data.get("max", 0.0)),
+            labels=tuple(data.get("labels", [])),
+            description=data.get("description", ""),
+        )
+
+
+class Batch:
+    """One request's images plus resized copies, made once and shared by every head."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+        self._resized: dict[int, np.ndarray] = {}
+        self._mirrored: Batch | None = None
+        self._cache: dict[Any, Any] = {}
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """Work shared by several heads of one request (e.g. one face detection pass)."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    @property
+    def height(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.images.shape[2]
+
+    def resized(self, size: int) -> np.ndarray:
+        if size not in self._resized:
+            if self.images.shape[1:3] == (size, size):
+                self._resized[size] = self.images
+            else:
+                t = torch.from_numpy(self.images).permute(0, 3, 1, 2).float()
+                t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                self._resized[size] = t.round().clamp(0, 255).byte().permute(0, 2, 3, 1).contiguous().numpy()
+        return self._resized[size]
+
+    def mirrored(self) -> Batch:
+        if self._mirrored is None:
+            self._mirrored = Batch(np.ascontiguousarray(self.images[:, :, ::-1]))
+        return self._mirrored
+
+    def to_caller_pixels(self, points: np.ndarray, size: int) -> np.ndarray:
+        """Points measured on the `size` x `size` copy -> the caller's image pixels."""
+        return points * np.array([self.width / size, self.height / size], np.float32)
+
+
+@dataclass
+class HeadResult:
+    outputs: dict[str, np.ndarray]
+    captions: list[str] = field(default_factory=list)
+
+
+class Head(ABC):
+    """One named head. Subclasses implement `compute`; the schema comes from the manifest."""
+
+    requires: tuple[str, ...] = ()
+
+    def __init__(self, entry: Entry, models: dict[str, Any]) -> None:
+        self.entry = entry
+        self.name = entry.name
+        manifest = entry.manifest
+        self.kind = manifest.get("head_kind", "attribute")
+        self.outputs = [OutputSpec.from_manifest(o) for o in manifest.get("outputs", [])]
+        self.differentiable = bool(manifest.get("differentiable", False))
+        self.input_size = int(manifest.get("input_size", 0))
+        self.description = manifest.get("description", "")
+        self.models = models
+
+    @abstractmethod
+    def compute(self, batch: Batch, inputs: dict[str, HeadResult]) -> HeadResult:
+        """Outputs for every image; `inputs` holds the results of the heads in `requires`."""
+
+
+# ---- the scorer ---------------------------------------------------------------------------
+
+
+class Scorer:
+    """Loads every head in the repository and scores batches with any subset of them."""
+
+    def __init__(self, repo: ModelRepository, text_embedder_model: str = "minilm") -> None:
+        self.repo = repo
+        self.text_embedder_model = text_embedder_model
+        self._models: dict[tuple[str, int], Any] = {}
+        self._heads: dict[str, Head] = {}
+        self._lock = threading.Lock()
+
+    # loading ----------------------------------------------------------------------------------
+
+    def refresh(self) -> list[str]:
+        """Load heads that are new (or have a new version) in the repository."""
+        from latentedit.heads import HEAD_TYPES
+
+        for entry in self.repo.entries(HEAD_KIND):
+            current = self._heads.get(entry.name)
+            if current is not None and current.entry.version == entry.version:
+                continue
+            implementation = entry.manifest.get("implementation", "")
+            head_type = HEAD_TYPES.get(implementation)
+            if head_type is None:
+                log.error("head %s: unknown implementation %r; known: %s", entry.name, implementation, ", ".join(HEAD_TYPES))
+                continue
+            try:
+                models = {role: self._model(name) for role, name in entry.manifest.get("models", {}).items()}
+                head = head_type(entry, models)
+            except Exception:  # noqa: BLE001 - one broken head must not take the others down
+                log.exception("head %s v%d failed to load", entry.name, entry.version)
+                continue
+            with self._lock:
+                self._heads[entry.name] = head
+            log.info("head %s v%d loaded (%s)", entry.name, entry.version, implementation)
+        return sorted(self._heads)
+
+    def _model(self, name: str) -> Any:
+        from latentedit.heads import MODEL_LOADERS
+
+        entry = self.repo.resolve(name, kind=MODEL_KIND)
+        key = (entry.name, entry.version)
+        if key not in self._models:
+            loader = MODEL_LOADERS.get(entry.manifest.get("format", ""))
+            if loader is None:
+                raise FailedPrecondition(f"scorer model {name}: unknown format {entry.manifest.get('format')!r}")
+            self._models[key] = loader(entry)
+        return self._models[key]
+
+    @property
+    def heads(self) -> dict[str, Head]:
+        return dict(self._heads)
+
+    def text_embedder(self):
+        return self._model(self.text_embedder_model)
+
+    # scoring ----------------------------------------------------------------------------------
+
+    def check_heads(self, names: Sequence[str]) -> list[str]:
+        heads = self.heads
+        chosen = list(dict.fromkeys(names)) if names else sorted(heads)
+        unknown = [n for n in chosen if n not in heads]
+        if unknown:
+            raise NotFound(f"unknown head(s) {unknown}; heads: {', '.join(sorted(heads)) or 'none loaded'}")
+        return chosen
+
+    def score(self, images: np.ndarray, names: Sequence[str] = ()) -> dict[str, HeadResult]:
+        """uint8 RGB [N, H, W, 3] -> results of the named heads (all heads when none named)."""
+        chosen = self.check_heads(names)
+        check_images(images)
+        heads = self.heads
+        batch = Batch(images)
+        done: dict[str, HeadResult] = {}
+
+        def run(name: str, trail: tuple[str, ...] = ()) -> HeadResult:
+            if name in done:
+                return done[name]
+            if name in trail:
+                raise FailedPrecondition(f"head dependency cycle: {' -> '.join((*trail, name))}")
+            head = heads.get(name)
+            if head is None:
+                raise FailedPrecondition(f"a head needs head {name!r}, which is not loaded")
+            inputs = {dep: run(dep, (*trail, name)) for dep in head.requires}
+            done[name] = head.compute(batch, inputs)
+            return done[name]
+
+        return {name: run(name) for name in chosen}
+
+
+def check_images(images: np.ndarray) -> None:
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise InvalidArgument(f"images: shape {list(images.shape)} must be [N, H, W, 3] (RGB)")
+    if len(images) == 0:
+        raise InvalidArgument("images: the batch is empty")
+    side_min, side_max = min(images.shape[1:3]), max(images.shape[1:3])
+    if side_min < MIN_IMAGE_SIDE or side_max > MAX_IMAGE_SIDE:
+        raise InvalidArgument(
+            f"images: size {images.shape[2]}x{images.shape[1]} is outside {MIN_IMAGE_SIDE}..{MAX_IMAGE_SIDE} px per side; "
+            "images within it are resized to each head's input size"
+        )
+
+
+def package_dir(package: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FailedPrecondition(f"package {package!r} is not installed; run scripts/setup.sh")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def offline_hub() -> None:
+    """Nothing here may download at run time: make Hugging Face libraries fail instead."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

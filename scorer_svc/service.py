@@ -1,0 +1,114 @@
+"""ScorerService: a thin adapter from the v1 messages to `latentedit.scoring.Scorer`."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from latentedit import wire
+from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc, types_pb2
+from latentedit.batching import DynamicBatcher
+from latentedit.config import ScorerConfig
+from latentedit.errors import InvalidArgument, ResourceExhausted
+from latentedit.scoring import HeadResult, Scorer, check_images
+from latentedit.serving import deadline_seconds
+
+HEAD_KINDS = {
+    "attribute": scorer_pb2.HEAD_KIND_ATTRIBUTE,
+    "keypoints": scorer_pb2.HEAD_KIND_KEYPOINTS,
+    "identity": scorer_pb2.HEAD_KIND_IDENTITY,
+    "quality": scorer_pb2.HEAD_KIND_QUALITY,
+    "caption": scorer_pb2.HEAD_KIND_CAPTION,
+}
+_CAPTIONS = "__captions__"
+
+
+def _flatten(results: dict[str, HeadResult]) -> dict[str, np.ndarray]:
+    """Head results as one dict of batch-first arrays, so the batcher can split them by rows."""
+    flat = {f"{head}/{name}": value for head, result in results.items() for name, value in result.outputs.items()}
+    for head, result in results.items():
+        if result.captions:
+            flat[f"{head}/{_CAPTIONS}"] = np.array(result.captions, dtype=object)
+    return flat
+
+
+class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
+    def __init__(self, scorer: Scorer, config: ScorerConfig) -> None:
+        self.scorer = scorer
+        self.config = config
+        self._batchers: dict[tuple, DynamicBatcher] = {}
+        self._lock = threading.Lock()
+
+    def ListHeads(self, request, context):
+        heads = []
+        for name, head in sorted(self.scorer.heads.items()):
+            heads.append(
+                scorer_pb2.HeadInfo(
+                    name=name,
+                    kind=HEAD_KINDS.get(head.kind, scorer_pb2.HEAD_KIND_UNSPECIFIED),
+                    outputs=[
+                        scorer_pb2.OutputSchema(
+                            name=o.name, shape=list(o.shape), dtype=types_pb2.DATA_TYPE_FP32,
+                            min=o.min, max=o.max, labels=list(o.labels), description=o.description,
+                        )
+                        for o in head.outputs
+                    ],
+                    model=types_pb2.ModelRef(name=head.entry.name, version=head.entry.version),
+                    differentiable=head.differentiable,
+                    input_size=head.input_size,
+                    description=head.description,
+                )
+            )
+        return scorer_pb2.ListHeadsResponse(heads=heads, text_embedding_dim=self.scorer.text_embedder().dim)
+
+    def Score(self, request, context):
+        names = self.scorer.check_heads(list(request.heads))
+        images = wire.decode_images(request.images)
+        if len(images) > self.config.max_request_batch:
+            raise ResourceExhausted(f"images: batch of {len(images)} is larger than the limit {self.config.max_request_batch}; split it")
+        check_images(images)
+        key = (tuple(names), images.shape[1:])
+        with self._lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = DynamicBatcher(
+                    lambda rows: _flatten(self.scorer.score(rows, names)),
+                    max_batch_size=self.config.max_batch_size,
+                    max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
+                    max_queue_rows=self.config.max_queue_rows,
+                    name=f"score-{'-'.join(names)[:40]}",
+                )
+                self._batchers[key] = batcher
+        flat = batcher.run(images, deadline_seconds(context), context.add_callback)
+        response = scorer_pb2.ScoreResponse()
+        for head in names:
+            output = types_pb2.HeadOutput(head=head)
+            for spec in self.scorer.heads[head].outputs:
+                output.outputs.append(types_pb2.NamedTensor(name=spec.name, tensor=wire.to_tensor(flat[f"{head}/{spec.name}"].astype(np.float32))))
+            if f"{head}/{_CAPTIONS}" in flat:
+                output.captions.extend(str(c) for c in flat[f"{head}/{_CAPTIONS}"])
+            response.heads.append(output)
+        return response
+
+    def EmbedText(self, request, context):
+        texts = list(request.texts)
+        if not texts:
+            raise InvalidArgument("texts: empty; send 1 to %d texts" % self.config.max_texts)
+        if len(texts) > self.config.max_texts:
+            raise ResourceExhausted(f"texts: {len(texts)} texts, more than the limit {self.config.max_texts}; split them")
+        embedder = self.scorer.text_embedder()
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(f"texts[{i}]: empty text; give a sentence such as 'a smiling face'")
+            if len(text) > self.config.max_text_chars:
+                raise InvalidArgument(f"texts[{i}]: {len(text)} characters, more than the limit {self.config.max_text_chars}")
+            tokens = embedder.token_count(text)
+            if tokens > embedder.max_tokens:
+                raise InvalidArgument(f"texts[{i}]: {tokens} tokens, more than the model's {embedder.max_tokens}; shorten it")
+        return scorer_pb2.EmbedTextResponse(embeddings=wire.to_tensor(embedder.embed(texts)))
+
+    def close(self) -> None:
+        with self._lock:
+            for batcher in self._batchers.values():
+                batcher.close()
