@@ -53,7 +53,7 @@ def test_every_head_on_256_faces_has_declared_shapes_and_finite_values(stub, fac
     schemas = {h.name: h for h in stub.ListHeads(scorer_pb2.ListHeadsRequest(), timeout=10).heads}
     results = score(stub, images)
     assert set(results) == set(schemas)
-    for name, (outputs, captions) in results.items():
+    for name, (outputs, _captions) in results.items():
         for spec in schemas[name].outputs:
             value = outputs[spec.name]
             assert value.shape == (256, *spec.shape), (name, spec.name, value.shape)
