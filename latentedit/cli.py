@@ -107,6 +107,91 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_line(job) -> str:
+    from latentedit.api.v1 import trainer_pb2
+
+    width = 30
+    filled = int(job.progress * width)
+    eta = f", ~{job.eta_seconds:.0f} s left" if job.eta_seconds > 0 else ""
+    state = trainer_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+    return f"[{'#' * filled}{'.' * (width - filled)}] {job.progress * 100:5.1f}% {state}: {job.phase}{eta}"
+
+
+def cmd_train_boundary(args: argparse.Namespace) -> int:
+    from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc, types_pb2
+    from latentedit.client import connect, wait_serving
+
+    config = _config(args)
+    address = args.target or config.address("trainer")
+    channel = connect(address)
+    wait_serving(channel, timeout_s=args.wait, what=f"trainer at {address}")
+    stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+    spec = trainer_pb2.BoundaryJobSpec(
+        generator=types_pb2.ModelRef(name=args.model),
+        attribute=types_pb2.AttributeRef(head=args.head, output=args.output, label=args.label, index=args.index),
+        num_samples=args.samples,
+        keep_fraction=args.keep,
+        options=trainer_pb2.TrainingOptions(seed=args.seed, artifact_name=args.name),
+    )
+    if args.quality_min > 0:
+        spec.quality_attribute.CopyFrom(types_pb2.AttributeRef(head="quality", output="face_probability"))
+        spec.quality_min = args.quality_min
+    request = trainer_pb2.StartJobRequest(idempotency_key=args.key, display_name=f"boundary {args.name}", boundary=spec)
+    job = stub.StartJob(request, timeout=120)
+    print(f"job {job.id}: training boundary {args.name or '(auto name)'} on {args.head}.{args.output}{'.' + args.label if args.label else ''}")
+    for event in stub.WatchJob(trainer_pb2.WatchJobRequest(id=job.id)):
+        job = event.job
+        print("\r" + _progress_line(job), end="", flush=True)
+    print()
+    if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
+        print(f"error: job {job.id} {trainer_pb2.JobState.Name(job.state)}: {job.error}", file=sys.stderr)
+        return 1
+    for key in sorted(job.metrics):
+        print(f"  {key:24s} {job.metrics[key]:.4f}")
+    print(f"boundary {job.artifact.ref.name} v{job.artifact.ref.version} written")
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from latentedit import wire
+    from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, types_pb2
+    from latentedit.client import connect, wait_serving
+    from latentedit.render import write_edit
+
+    config = _config(args)
+    address = args.target or config.address("editor")
+    channel = connect(address)
+    wait_serving(channel, timeout_s=args.wait, what=f"editor at {address}")
+    request = editor_pb2.EditRequest(
+        generator=types_pb2.ModelRef(name=args.model),
+        seed=editor_pb2.SeedStart(seed=args.seed, count=args.count),
+        interfacegan=editor_pb2.InterFaceGANEdit(
+            boundary=args.boundary, condition_boundaries=args.condition, start_distance=args.start, end_distance=args.end
+        ),
+        num_frames=args.frames,
+        score_heads=args.score,
+    )
+    frames, labels = [], []
+    for frame in editor_pb2_grpc.EditorServiceStub(channel).Edit(request, timeout=600):
+        images = wire.decode_images(frame.images)
+        scores = {f"{h.head}.{o.name}": wire.from_tensor(o.tensor, field=o.name) for h in frame.scores for o in h.outputs}
+        lines = [[f"d={frame.metrics['distance']:+.1f}"] for _ in range(len(images))]
+        # Under each face: the distance and the first scalar output of each scored head.
+        for head in dict.fromkeys(k.split(".", 1)[0] for k in scores):
+            key = next((k for k in scores if k.startswith(head + ".") and scores[k].ndim == 1), None)
+            for n in range(len(images) if key else 0):
+                lines[n].append(f"{key.split('.', 1)[1]} {scores[key][n]:.1f}")
+        frames.append(images)
+        labels.append(lines)
+        shown = ", ".join(f"{k} {np.mean(v):.2f}" for k, v in scores.items() if v.ndim == 1)
+        print(f"frame {frame.index:3d}  distance {frame.metrics['distance']:+.2f}  mean {shown}", flush=True)
+    png, gif = write_edit(frames, labels, Path(args.out))
+    print(f"wrote {png} and {gif}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentedit", description="Latent-space image editing services.")
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
@@ -138,6 +223,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--in-process", action="store_true", help="run the generator here instead of calling the service")
     gen.add_argument("--wait", type=float, default=60, help="seconds to wait for the service to be SERVING")
     gen.set_defaults(func=cmd_generate)
+    train = sub.add_parser("train", help="train artifacts through the trainer service")
+    train_sub = train.add_subparsers(dest="train_command", required=True)
+    boundary = train_sub.add_parser("boundary", help="an InterFaceGAN boundary for one scorer attribute")
+    boundary.add_argument("--head", required=True, help="scorer head, e.g. pose")
+    boundary.add_argument("--output", required=True, help="the head's output, e.g. yaw")
+    boundary.add_argument("--label", default="", help="class label of a vector output, e.g. happy")
+    boundary.add_argument("--index", type=int, default=0, help="entry of a vector output without labels")
+    boundary.add_argument("--samples", type=int, default=2000)
+    boundary.add_argument("--keep", type=float, default=0.1, help="fraction kept at each end of the ranking")
+    boundary.add_argument("--quality-min", type=float, default=0.0, help="drop samples whose face probability is lower")
+    boundary.add_argument("--name", default="", help="artifact name (default: derived from model and attribute)")
+    boundary.add_argument("--model", default="")
+    boundary.add_argument("--seed", type=int, default=0)
+    boundary.add_argument("--key", default="", help="idempotency key: retrying with it returns the same job")
+    boundary.add_argument("--target", default="", help="trainer address (default: from the config)")
+    boundary.add_argument("--wait", type=float, default=180)
+    boundary.set_defaults(func=cmd_train_boundary)
+
+    edit = sub.add_parser("edit", help="stream an edit and write a strip PNG and an animated GIF")
+    edit.add_argument("--boundary", required=True)
+    edit.add_argument("--condition", action="append", default=[], help="boundary to hold fixed (repeatable)")
+    edit.add_argument("--start", type=float, default=-3.0)
+    edit.add_argument("--end", type=float, default=3.0)
+    edit.add_argument("--frames", type=int, default=8)
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--count", type=int, default=4, help="how many samples to edit")
+    edit.add_argument("--score", action="append", default=[], help="scorer head to score every frame with (repeatable)")
+    edit.add_argument("--model", default="")
+    edit.add_argument("--out", default="out/edit", help="path without suffix: writes .png and .gif")
+    edit.add_argument("--target", default="", help="editor address (default: from the config)")
+    edit.add_argument("--wait", type=float, default=180)
+    edit.set_defaults(func=cmd_edit)
     return parser
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentedit import wire
-from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2
-from latentedit.errors import Unavailable
+from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc, types_pb2
+from latentedit.errors import RemoteError, Unavailable
 from latentedit.serving import channel_options
 
 
@@ -63,3 +65,38 @@ class GeneratorClient:
             backend=backend,
         )
         return wire.decode_images(self.stub.Synthesize(request, timeout=timeout).images)
+
+
+@contextlib.contextmanager
+def dependency(name: str, address: str) -> Iterator[None]:
+    """Turn a failed call to another service into an error that names it."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise Unavailable(f"the {name} service at {address} is unavailable: {exc.details()}") from exc
+        raise RemoteError(code, f"the {name} service at {address} answered {code.name}: {exc.details()}") from exc
+
+
+class ScorerClient:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.stub = scorer_pb2_grpc.ScorerServiceStub(channel)
+
+    def list_heads(self, timeout: float = 30) -> list[scorer_pb2.HeadInfo]:
+        return list(self.stub.ListHeads(scorer_pb2.ListHeadsRequest(), timeout=timeout).heads)
+
+    def score(self, images: np.ndarray, heads: list[str], timeout: float = 300) -> dict[str, dict[str, np.ndarray]]:
+        """uint8 NHWC images -> {head: {output: array}} (captions under the output "captions")."""
+        request = scorer_pb2.ScoreRequest(images=wire.encode_images(images, types_pb2.IMAGE_ENCODING_RAW_UINT8), heads=heads)
+        response = self.stub.Score(request, timeout=timeout)
+        results: dict[str, dict[str, np.ndarray]] = {}
+        for head in response.heads:
+            results[head.head] = {o.name: wire.from_tensor(o.tensor, field=f"{head.head}.{o.name}") for o in head.outputs}
+            if head.captions:
+                results[head.head]["captions"] = np.array(list(head.captions), dtype=object)
+        return results
+
+    def embed_text(self, texts: list[str], timeout: float = 60) -> np.ndarray:
+        response = self.stub.EmbedText(scorer_pb2.EmbedTextRequest(texts=texts), timeout=timeout)
+        return wire.from_tensor(response.embeddings, field="embeddings")

@@ -54,6 +54,19 @@ class ScorerConfig:
 
 
 @dataclass
+class TrainerConfig:
+    workers: int = 1  # jobs run at once; the heavy work happens in the generator and scorer
+
+
+@dataclass
+class EditorConfig:
+    max_frames: int = 256
+    max_batch: int = 256  # latents (seeds) per edit, images per inversion
+    max_invert_steps: int = 5000
+    default_generator: str = "dcgan-faces"  # for Invert, which runs on the weights here
+
+
+@dataclass
 class Config:
     repository: str = "model-repo"
     services: dict[str, ServingOptions] = field(
@@ -61,9 +74,14 @@ class Config:
     )
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    # Where services reach each other, e.g. {"generator": "generator:50051"} in Kubernetes;
+    # a service not named here is reached at localhost on its configured port.
+    addresses: dict[str, str] = field(default_factory=dict)
 
     def address(self, service: str) -> str:
-        return f"localhost:{self.services[service].port}"
+        return self.addresses.get(service) or f"localhost:{self.services[service].port}"
 
 
 def _merge(instance: Any, values: dict[str, Any], where: str) -> Any:
@@ -79,7 +97,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     config = Config()
-    unknown = set(raw) - {"repository", "services", "generator", "scorer"}
+    unknown = set(raw) - {"repository", "services", "generator", "scorer", "trainer", "editor", "addresses"}
     if unknown:
         raise ValueError(f"config: unknown section(s) {sorted(unknown)}")
     if "repository" in raw:
@@ -90,6 +108,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         config.services[name] = _merge(config.services[name], values or {}, f"config.services.{name}")
     config.generator = _merge(config.generator, raw.get("generator") or {}, "config.generator")
     config.scorer = _merge(config.scorer, raw.get("scorer") or {}, "config.scorer")
+    config.trainer = _merge(config.trainer, raw.get("trainer") or {}, "config.trainer")
+    config.editor = _merge(config.editor, raw.get("editor") or {}, "config.editor")
+    for name, address in (raw.get("addresses") or {}).items():
+        if name not in SERVICE_NAMES:
+            raise ValueError(f"config.addresses: unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")
+        config.addresses[name] = str(address)
     if os.environ.get("LATENTEDIT_REPOSITORY"):
         config.repository = os.environ["LATENTEDIT_REPOSITORY"]
     # Relative paths are relative to the working directory.

@@ -59,3 +59,11 @@ class Cancelled(LatentEditError):
 
 class Unimplemented(LatentEditError):
     code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class RemoteError(LatentEditError):
+    """An error a dependency service answered with, passed on with its own status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code

@@ -202,7 +202,8 @@ def describe_face(yaw: float, mouth_openness: float, emotions: np.ndarray, age: 
     }[EMOTIONS[int(np.argmax(emotions))]]
     age_word = "young" if age < 30 else "middle-aged" if age < 50 else "older"
     person = "man" if male > 0.6 else "woman" if male < 0.4 else "person"
-    facing = "facing left" if yaw > 12 else "facing right" if yaw < -12 else "facing the camera"
+    # yaw > 0: the face points toward the image's right side.
+    facing = "facing right" if yaw > 12 else "facing left" if yaw < -12 else "facing the camera"
     mouth = "mouth open" if mouth_openness > 0.12 else "mouth closed"
     article = "an" if mood[0] in "aeiou" else "a"
     return f"{article} {mood} {age_word} {person} {facing}, {mouth}"

@@ -190,7 +190,7 @@ DEFAULT_HEADS: dict[str, dict[str, Any]] = {
         "implementation": "pose-from-landmarks", "head_kind": "attribute", "requires": {"landmarks": "keypoints68"},
         "description": "head pose (degrees) and mouth geometry relative to the eye distance, from the 68 landmarks",
         "outputs": [
-            _scalar("yaw", -90, 90, "> 0: the face turns toward the image's left"),
+            _scalar("yaw", -90, 90, "> 0: the face turns toward the image's right"),
             _scalar("pitch", -90, 90, "> 0: the face tilts up"),
             _scalar("roll", -180, 180, "> 0: clockwise in the image"),
             _scalar("mouth_width", 0, 3, "mouth corner distance / inter-ocular distance"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -11,38 +12,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from latentedit.api.v1 import editor_pb2_grpc, trainer_pb2_grpc
 from latentedit.config import SERVICE_NAMES, Config
 from latentedit.serving import ServiceHost
 
 log = logging.getLogger(__name__)
 
-# Services whose issue has not landed yet: contract, health and reflection, methods UNIMPLEMENTED.
-_PLACEHOLDERS: dict[str, tuple[Any, str]] = {
-    "trainer": (trainer_pb2_grpc, "TrainerService"),
-    "editor": (editor_pb2_grpc, "EditorService"),
+# Each service's module has build(config) -> (host, ...), listening and reporting health.
+SERVICE_MODULES = {
+    "generator": "generator_svc.server",
+    "scorer": "scorer_svc.server",
+    "trainer": "trainer_svc.server",
+    "editor": "editor_svc.server",
 }
 
 
 def build_service(name: str, config: Config) -> ServiceHost:
     """Start one service listening in this process; it reports SERVING once warm."""
-    if name == "generator":
-        from generator_svc.server import build
-
-        return build(config)[0]
-    if name == "scorer":
-        from scorer_svc.server import build as build_scorer
-
-        return build_scorer(config)[0]
-    if name not in _PLACEHOLDERS:
+    if name not in SERVICE_MODULES:
         raise ValueError(f"unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")
-    module, service = _PLACEHOLDERS[name]
-    host = ServiceHost(config.services[name])
-    servicer = getattr(module, f"{service}Servicer")()
-    host.add(getattr(module, f"add_{service}Servicer_to_server"), servicer, f"latentedit.v1.{service}")
-    host.start()
-    host.set_serving(True)
-    return host
+    return importlib.import_module(SERVICE_MODULES[name]).build(config)[0]
 
 
 def serve_one(name: str, config: Config) -> None:

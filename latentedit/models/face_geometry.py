@@ -3,8 +3,9 @@
 Pose: a scaled-orthographic fit of a generic 6-point 3D face (nose tip, chin, outer eye
 corners, mouth corners; the model commonly used with solvePnP) to the landmarks, solved in
 closed form per face, then Euler angles in degrees. Sign conventions (image coordinates):
-yaw > 0 when the face turns toward the image's left side, pitch > 0 when it tilts up,
-roll > 0 when it rotates clockwise in the image. Mirroring an image negates yaw and roll.
+yaw > 0 when the face turns toward the image's right side (checked on edited faces); pitch and
+roll follow the same right-handed fit (pitch > 0 tilting up, roll > 0 clockwise; not checked by eye).
+Mirroring an image negates yaw and roll.
 
 Mouth geometry is relative to the inter-ocular distance, so it does not depend on scale.
 """

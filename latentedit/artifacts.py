@@ -1,0 +1,51 @@
+"""Trained artifacts in the model repository: written by the trainer, read by the editor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentedit.errors import FailedPrecondition, NotFound
+from latentedit.methods.interfacegan import Boundary
+from latentedit.repository import Entry, ModelRepository
+
+BOUNDARY_KIND = "boundary"
+CORRELATION_KIND = "correlation-report"
+
+
+def write_boundary(repo: ModelRepository, name: str, boundary: Boundary, manifest: dict[str, Any]) -> Entry:
+    """manifest: generator {name, version}, space, attribute, metrics, job_id, spec."""
+
+    def populate(folder: Path) -> None:
+        save_file(
+            {"normal": torch.from_numpy(boundary.normal.astype(np.float32)), "offset": torch.tensor([boundary.offset], dtype=torch.float32)},
+            str(folder / "boundary.safetensors"),
+        )
+
+    return repo.write(name, {**manifest, "kind": BOUNDARY_KIND, "files": {"boundary": "boundary.safetensors"}}, populate)
+
+
+def load_boundary(repo: ModelRepository, name: str, version: int = 0, generator: str | None = None) -> tuple[Boundary, Entry]:
+    try:
+        entry = repo.resolve(name, version, kind=BOUNDARY_KIND)
+    except NotFound as exc:
+        available = ", ".join(e.name for e in repo.entries(BOUNDARY_KIND)) or "none trained yet"
+        raise NotFound(f"no boundary named {name!r}; boundaries: {available}") from exc
+    if generator is not None and entry.manifest.get("generator", {}).get("name") != generator:
+        raise FailedPrecondition(
+            f"boundary {name!r} was trained for generator {entry.manifest.get('generator', {}).get('name')!r}, not {generator!r}"
+        )
+    tensors = load_file(str(entry.file("boundary")))
+    return Boundary(tensors["normal"].numpy(), float(tensors["offset"][0])), entry
+
+
+def write_report(repo: ModelRepository, name: str, kind: str, report: dict[str, Any], manifest: dict[str, Any]) -> Entry:
+    def populate(folder: Path) -> None:
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+
+    return repo.write(name, {**manifest, "kind": kind, "files": {"report": "report.json"}}, populate)

@@ -1,0 +1,46 @@
+"""Builds and runs the trainer service process."""
+
+from __future__ import annotations
+
+import logging
+
+from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc
+from latentedit.client import GeneratorClient, ScorerClient, connect
+from latentedit.config import Config
+from latentedit.repository import ModelRepository
+from latentedit.serving import ServiceHost
+from trainer_svc import jobs
+from trainer_svc.runner import JobRunner
+from trainer_svc.service import TrainerServicer
+from trainer_svc.store import JobStore
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def build(config: Config) -> tuple[ServiceHost, JobStore]:
+    repo = ModelRepository(config.repository)
+    store = JobStore(repo.root)
+    runner = JobRunner(store, workers=config.trainer.workers)
+    generator_address, scorer_address = config.address("generator"), config.address("scorer")
+    deps = jobs.Dependencies(
+        repo, GeneratorClient(connect(generator_address)), generator_address, ScorerClient(connect(scorer_address)), scorer_address
+    )
+    host = ServiceHost(config.services["trainer"])
+    servicer = TrainerServicer(store, runner, deps)
+    host.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)
+    host.on_shutdown(runner.close)
+    host.on_shutdown(store.close)
+    host.start()
+    # Jobs left queued by a previous run go back to the runner; running ones were marked failed.
+    for job_id in store.recover():
+        job = store.get(job_id)
+        try:
+            params, body = jobs.validate(job.request, deps)
+        except Exception as exc:  # noqa: BLE001 - e.g. a dependency is still starting
+            job.state, job.error = trainer_pb2.JOB_STATE_FAILED, f"could not resume after a restart: {exc}"
+            store.save(job)
+            continue
+        runner.submit(job_id, body, params)
+    host.set_serving(True)
+    return host, store

@@ -1,0 +1,67 @@
+"""TrainerService: a thin adapter from the v1 messages to the job store and runner."""
+
+from __future__ import annotations
+
+from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc
+from latentedit.errors import InvalidArgument
+from trainer_svc import jobs
+from trainer_svc.runner import JobRunner
+from trainer_svc.store import TERMINAL, JobStore
+
+MAX_PAGE = 500
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, store: JobStore, runner: JobRunner, deps: jobs.Dependencies) -> None:
+        self.store = store
+        self.runner = runner
+        self.deps = deps
+
+    def StartJob(self, request, context):
+        if len(request.idempotency_key) > 200:
+            raise InvalidArgument("idempotency_key: at most 200 characters")
+        if request.idempotency_key:
+            # A retry finds its job before validating (and calling other services) again.
+            existing = self.store.find_by_key(request)
+            if existing is not None:
+                return existing
+        params, body = jobs.validate(request, self.deps)
+        job, created = self.store.create(request)
+        if created:
+            self.runner.submit(job.id, body, params)
+        return job
+
+    def GetJob(self, request, context):
+        return self.store.get(request.id)
+
+    def ListJobs(self, request, context):
+        size = request.page_size or 50
+        if not 1 <= size <= MAX_PAGE:
+            raise InvalidArgument(f"page_size {size} must be in 1..{MAX_PAGE}")
+        try:
+            offset = int(request.page_token or 0)
+        except ValueError as exc:
+            raise InvalidArgument(f"page_token {request.page_token!r} is not one this service issued") from exc
+        for state in request.states:
+            if state not in trainer_pb2.JobState.values():
+                raise InvalidArgument(f"states: {state} is not a JobState")
+        found = self.store.list(list(request.states), limit=size + 1, offset=offset)
+        token = str(offset + size) if len(found) > size else ""
+        return trainer_pb2.ListJobsResponse(jobs=found[:size], next_page_token=token)
+
+    def CancelJob(self, request, context):
+        return self.runner.cancel(request.id)
+
+    def WatchJob(self, request, context):
+        job = self.store.get(request.id)
+        last = None
+        while context.is_active():
+            job = self.store.get(request.id)
+            snapshot = job.SerializeToString()
+            if snapshot != last:
+                last = snapshot
+                yield trainer_pb2.JobEvent(job=job, message=self.runner.messages.get(job.id, job.phase))
+            if job.state in TERMINAL:
+                return
+            with self.store.changed:
+                self.store.changed.wait(timeout=1.0)

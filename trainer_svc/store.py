@@ -1,0 +1,115 @@
+"""Job records in SQLite inside the model repository (`<repo>/.jobs/jobs.sqlite3`).
+
+Each record is the Job message itself (serialised) plus the indexed columns that queries
+need. Writes are transactions, so a trainer killed at any moment leaves every record intact;
+on start-up, jobs that were running are marked failed with the reason, and queued jobs are
+handed back to the runner.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from latentedit.api.v1 import trainer_pb2
+from latentedit.errors import InvalidArgument, NotFound
+
+TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
+
+
+def now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+class JobStore:
+    def __init__(self, repository_root: Path) -> None:
+        folder = Path(repository_root) / ".jobs"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "jobs.sqlite3"
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, state INTEGER, "
+            "created REAL, record BLOB)"
+        )
+        self._lock = threading.Lock()
+        self.changed = threading.Condition()  # notified on every update (WatchJob waits on it)
+
+    def find_by_key(self, request: trainer_pb2.StartJobRequest) -> trainer_pb2.Job | None:
+        """The job started with this request's idempotency key; a different spec is an error."""
+        row = self._db.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (request.idempotency_key,)).fetchone()
+        if row is None:
+            return None
+        existing = trainer_pb2.Job.FromString(row[0])
+        if existing.request != request:
+            raise InvalidArgument(f"idempotency_key {request.idempotency_key!r} was used for job {existing.id} with a different spec")
+        return existing
+
+    def create(self, request: trainer_pb2.StartJobRequest) -> tuple[trainer_pb2.Job, bool]:
+        """(job, created): an existing job with the same idempotency key is returned as is."""
+        with self._lock:
+            if request.idempotency_key:
+                existing = self.find_by_key(request)
+                if existing is not None:
+                    return existing, False
+            job = trainer_pb2.Job(
+                id=f"job-{uuid.uuid4().hex[:12]}",
+                idempotency_key=request.idempotency_key,
+                display_name=request.display_name,
+                state=trainer_pb2.JOB_STATE_QUEUED,
+                phase="queued",
+                eta_seconds=-1,
+                request=request,
+                created_at=now(),
+            )
+            self._db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
+                (job.id, request.idempotency_key or None, job.state, time.time(), job.SerializeToString()),
+            )
+        self._notify()
+        return job, True
+
+    def get(self, job_id: str) -> trainer_pb2.Job:
+        row = self._db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job with id {job_id!r}")
+        return trainer_pb2.Job.FromString(row[0])
+
+    def save(self, job: trainer_pb2.Job) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?", (job.state, job.SerializeToString(), job.id))
+        self._notify()
+
+    def list(self, states: list[int], limit: int, offset: int) -> list[trainer_pb2.Job]:
+        query, args = "SELECT record FROM jobs", []
+        if states:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args += states
+        query += " ORDER BY created DESC, id LIMIT ? OFFSET ?"
+        rows = self._db.execute(query, (*args, limit, offset)).fetchall()
+        return [trainer_pb2.Job.FromString(r[0]) for r in rows]
+
+    def recover(self) -> list[str]:
+        """After a restart: running jobs fail with the reason; returns the queued ones to run."""
+        for job in self.list([trainer_pb2.JOB_STATE_RUNNING], limit=100000, offset=0):
+            job.state = trainer_pb2.JOB_STATE_FAILED
+            job.error = "interrupted: the trainer stopped while this job was running; start it again with a new idempotency key"
+            job.phase = "interrupted"
+            job.finished_at.CopyFrom(now())
+            self.save(job)
+        return [j.id for j in reversed(self.list([trainer_pb2.JOB_STATE_QUEUED], limit=100000, offset=0))]
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
