@@ -150,7 +150,8 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
         start, generator = self._start(request, down)
         spec = request.interfacegan
         boundary, _ = load_boundary(self.repo, spec.boundary, generator=generator.name)
-        conditions = [load_boundary(self.repo, name, generator=generator.name)[0].normal for name in spec.condition_boundaries]
+        condition_boundaries = [load_boundary(self.repo, name, generator=generator.name)[0] for name in spec.condition_boundaries]
+        conditions = [b.normal for b in condition_boundaries]
         if spec.boundary in spec.condition_boundaries:
             raise InvalidArgument("condition_boundaries: the edited boundary cannot also be a condition")
         if boundary.normal.shape[0] != start.reshape(len(start), -1).shape[1]:
@@ -167,6 +168,8 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
                 frame.scores.extend(down.score(images, heads))
             frame.metrics["distance"] = float(distance)
             frame.metrics["mean_boundary_distance"] = float(boundary.distance(latents).mean())
+            for name, condition in zip(spec.condition_boundaries, condition_boundaries):
+                frame.metrics[f"condition_distance/{name}"] = float(condition.distance(latents).mean())
             if index == frames - 1:
                 frame.stop_reason = editor_pb2.STOP_REASON_COMPLETED
             yield frame
@@ -201,12 +204,12 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
             raise ResourceExhausted(f"images: {len(images)} images, more than the limit {self.config.max_batch}")
         if request.space not in (types_pb2.LATENT_SPACE_UNSPECIFIED, types_pb2.LATENT_SPACE_Z):
             raise InvalidArgument("space: inversion here targets LATENT_SPACE_Z")
-        steps = request.steps or 200
+        steps = request.steps or 300
         if not 1 <= steps <= self.config.max_invert_steps:
             raise InvalidArgument(f"steps {steps} must be in 1..{self.config.max_invert_steps}")
-        rate = request.learning_rate or 0.05
+        rate = request.learning_rate or 0.1
         if not 0 < rate <= 1:
-            raise InvalidArgument(f"learning_rate {rate} must be in (0, 1]")
+            raise InvalidArgument(f"learning_rate {rate:g} must be in (0, 1]")
         every = request.report_every or 10
         targets = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if targets.shape[-1] != spec.resolution or targets.shape[-2] != spec.resolution:

@@ -180,7 +180,10 @@ class ServiceHost:
 def deadline_seconds(context: grpc.ServicerContext, default: float = 300.0) -> float:
     """Seconds left before the caller's deadline (a default when it set none)."""
     remaining = context.time_remaining()
-    return default if remaining is None else max(0.0, remaining)
+    # gRPC reports "no deadline" as None or as a huge number (about 9e18 s).
+    if remaining is None or remaining > 1e8:
+        return default
+    return max(0.0, remaining)
 
 
 class PeriodicTask:

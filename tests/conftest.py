@@ -43,6 +43,14 @@ def fresh_repo(installed_repo, tmp_path) -> ModelRepository:
     return ModelRepository(target)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
 def make_config(repo: ModelRepository, **generator_overrides) -> Config:
     config = Config(repository=str(repo.root))
     for options in config.services.values():
@@ -91,3 +99,30 @@ def scorer_server(installed_repo):
     host, scorer = build(make_config(installed_repo))
     yield f"localhost:{host.port}", scorer
     host.stop(0)
+
+
+def start_services(repo, names=("generator", "scorer", "trainer", "editor"), **overrides):
+    """Start services in this process on free ports, wired to each other: returns (config, hosts)."""
+    from latentedit.launch import build_service
+
+    config = make_config(repo)
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        setattr(getattr(config, section), field, value)
+    hosts = {}
+    for name in names:
+        hosts[name] = build_service(name, config)
+        config.services[name].port = hosts[name].port
+    return config, hosts
+
+
+@pytest.fixture(scope="module")
+def suite_in_process(installed_repo):
+    """All four services in this process: yields (config, hosts, channels by service name)."""
+    config, hosts = start_services(installed_repo)
+    channels = {name: grpc.insecure_channel(f"localhost:{host.port}", options=channel_options()) for name, host in hosts.items()}
+    yield config, hosts, channels
+    for channel in channels.values():
+        channel.close()
+    for host in reversed(list(hosts.values())):
+        host.stop(0)

@@ -106,16 +106,16 @@ def validate_boundary(spec: trainer_pb2.BoundaryJobSpec, deps: Dependencies) -> 
         raise InvalidArgument(f"num_samples {num} must be in {MIN_SAMPLES}..{MAX_SAMPLES}")
     fraction = spec.keep_fraction or 0.1
     if not 0.0 < fraction <= 0.5:
-        raise InvalidArgument(f"keep_fraction {fraction} must be in (0, 0.5]")
+        raise InvalidArgument(f"keep_fraction {fraction:g} must be in (0, 0.5]")
     keep = int(num * fraction)
     if keep < MIN_PER_CLASS:
         raise InvalidArgument(
-            f"num_samples {num} with keep_fraction {fraction} keeps {keep} samples per side; at least {MIN_PER_CLASS} are needed"
+            f"num_samples {num} with keep_fraction {fraction:g} keeps {keep} samples per side; at least {MIN_PER_CLASS} are needed"
         )
     if not 0.0 <= spec.validation_fraction < 1.0:
-        raise InvalidArgument(f"validation_fraction {spec.validation_fraction} must be in [0, 1)")
+        raise InvalidArgument(f"validation_fraction {spec.validation_fraction:g} must be in [0, 1)")
     if spec.svm_c < 0:
-        raise InvalidArgument(f"svm_c {spec.svm_c} must be positive")
+        raise InvalidArgument(f"svm_c {spec.svm_c:g} must be positive")
     if spec.space not in (types_pb2.LATENT_SPACE_UNSPECIFIED, types_pb2.LATENT_SPACE_Z):
         raise InvalidArgument("space: boundary jobs sample the generator's prior; only LATENT_SPACE_Z is supported")
     heads = deps.heads()
@@ -212,7 +212,7 @@ def validate_custom_boundary(spec: trainer_pb2.CustomBoundaryJobSpec, deps: Depe
     if min(int((labels > 0).sum()), int((labels <= 0).sum())) < MIN_PER_CLASS:
         raise InvalidArgument(f"labels: each class needs at least {MIN_PER_CLASS} latents")
     if not 0.0 <= spec.validation_fraction < 1.0:
-        raise InvalidArgument(f"validation_fraction {spec.validation_fraction} must be in [0, 1)")
+        raise InvalidArgument(f"validation_fraction {spec.validation_fraction:g} must be in [0, 1)")
     attribute = spec.attribute_name or "custom"
     name = _artifact_name(spec.options, f"{info.ref.name}-{attribute}".lower())
     return CustomBoundaryParams(spec, info.ref, latents, (labels > 0).astype(np.int64), name, deps)

@@ -58,6 +58,7 @@ class JobRunner:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
         self._cancel: dict[str, threading.Event] = {}
         self.messages: dict[str, str] = {}
+        self._shutting_down = False
 
     def submit(self, job_id: str, body: JobBody, params: Any) -> None:
         self._cancel[job_id] = threading.Event()
@@ -86,7 +87,11 @@ class JobRunner:
         try:
             artifact = body(context, params)
         except JobCancelled:
-            self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_CANCELLED, "cancelled")
+            if self._shutting_down:
+                self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_FAILED, "interrupted",
+                             "interrupted: the trainer shut down while this job was running; start it again with a new idempotency key")
+            else:
+                self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_CANCELLED, "cancelled")
         except LatentEditError as exc:
             self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_FAILED, "failed", exc.message)
         except Exception as exc:  # noqa: BLE001 - a job's bug fails the job, never the service
@@ -110,6 +115,7 @@ class JobRunner:
         self.store.save(job)
 
     def close(self) -> None:
-        for event in self._cancel.values():
+        self._shutting_down = True
+        for event in list(self._cancel.values()):
             event.set()
         self._pool.shutdown(wait=True, cancel_futures=True)

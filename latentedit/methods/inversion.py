@@ -22,8 +22,8 @@ Progress = Callable[[int, np.ndarray], bool]
 def invert(
     generator: StagedGenerator,
     targets: torch.Tensor,
-    steps: int = 200,
-    learning_rate: float = 0.05,
+    steps: int = 300,
+    learning_rate: float = 0.1,
     seed: int = 0,
     prior_weight: float = 1e-3,
     report_every: int = 10,
