@@ -144,7 +144,7 @@ def test_sigterm_drains_in_flight_calls_then_exits(tmp_path, installed_repo):
             process.kill()
 
 
-def _train(trainer, key, attribute, samples=2000):
+def _train(trainer, key, attribute, samples=5000):
     request = trainer_pb2.StartJobRequest(idempotency_key=key, boundary=trainer_pb2.BoundaryJobSpec(
         attribute=attribute, num_samples=samples, keep_fraction=0.1, options=trainer_pb2.TrainingOptions(artifact_name=key)))
     job = trainer.StartJob(request, timeout=120)
@@ -153,11 +153,12 @@ def _train(trainer, key, attribute, samples=2000):
     return final
 
 
-def _edit_scores(editor, boundary, conditions, start, end, frames, head, output, label_index=None, from_boundary=False):
+def _edit_scores(editor, boundary, conditions, start, end, frames, head, output, label_index=None, from_boundary=False,
+                 count=20):
     from latentedit.api.v1 import editor_pb2
 
     request = editor_pb2.EditRequest(
-        seed=editor_pb2.SeedStart(seed=11, count=20), num_frames=frames, score_heads=[head], omit_images=True,
+        seed=editor_pb2.SeedStart(seed=11, count=count), num_frames=frames, score_heads=[head], omit_images=True,
         interfacegan=editor_pb2.InterFaceGANEdit(boundary=boundary, condition_boundaries=conditions,
                                                  start_distance=start, end_distance=end, from_boundary=from_boundary))
     values = []
@@ -179,18 +180,24 @@ def test_interfacegan_end_to_end_through_the_public_api(suite):
     editor = editor_pb2_grpc.EditorServiceStub(connect(f"localhost:{ports['editor']}"))
     yaw = _train(trainer, "e2e-yaw", types_pb2.AttributeRef(head="pose", output="yaw"))
     assert yaw.metrics["validation_accuracy"] > 0.9
-    # Walk each seed from its foot point on the boundary (yaw near 0) to +-2: beyond about 45
-    # degrees dlib's landmarks and the 64 px faces saturate. The issue asks for >= 90% of seeds
-    # with Spearman > 0.9; over 8 seed sets we measure 89% on average, 80% at worst
-    # (bench/interfacegan.py), so this asserts what holds for every seed set.
-    scores = _edit_scores(editor, "e2e-yaw", [], -2, 2, 8, "pose", "yaw", from_boundary=True)
-    rho = np.array([spearmanr(np.arange(8), scores[:, s]).statistic for s in range(20)])
-    assert (rho > 0.9).mean() >= 0.8, rho.round(2)
-    assert np.median(rho) > 0.95
+    # Each seed walks from its foot point on the boundary (yaw near 0) to +-2 along the normal:
+    # beyond about 45 degrees dlib's landmarks and the 64 px faces saturate, and walks of
+    # z + d n from seeds already far out fail more often (bench/interfacegan.py measures both:
+    # 86% vs 92% of seeds over 8 sets of 20). 40 seeds keep the estimate's spread small.
+    scores = _edit_scores(editor, "e2e-yaw", [], -2, 2, 8, "pose", "yaw", from_boundary=True, count=40)
+    rho = np.array([spearmanr(np.arange(8), scores[:, s]).statistic for s in range(40)])
+    assert (rho > 0.9).mean() >= 0.9, rho.round(2)
 
-    # Conditional editing: smile with yaw as the condition keeps every sample's distance to the
-    # yaw boundary fixed (plain smile editing does not), and the smile still grows.
+    # Conditional editing of smile with yaw as the condition changes yaw less (same 100 seeds).
     _train(trainer, "e2e-smile", types_pb2.AttributeRef(head="expression", output="probabilities", label="happy"))
+    plain = _edit_scores(editor, "e2e-smile", [], 0, 3, 2, "pose", "yaw", count=100)
+    conditioned = _edit_scores(editor, "e2e-smile", ["e2e-yaw"], 0, 3, 2, "pose", "yaw", count=100)
+    np.testing.assert_allclose(plain[0], conditioned[0])  # the same start images
+    plain_change, conditioned_change = np.abs(plain[1] - plain[0]).mean(), np.abs(conditioned[1] - conditioned[0]).mean()
+    assert conditioned_change < plain_change, (conditioned_change, plain_change)
+
+    # In latent space: the condition keeps every sample's distance to the yaw boundary fixed
+    # (plain smile editing drifts by 3 cos(smile, yaw)), and the smile still grows.
     from latentedit.api.v1 import editor_pb2
 
     def condition_distances(conditions):
