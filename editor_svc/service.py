@@ -24,7 +24,7 @@ from latentedit.api.v1 import (
     trainer_pb2,
     types_pb2,
 )
-from latentedit.artifacts import BOUNDARY_KIND, load_boundary
+from latentedit.artifacts import BOUNDARY_KIND, load_boundary, load_mapping
 from latentedit.client import dependency
 from latentedit.config import EditorConfig
 from latentedit.errors import (
@@ -38,6 +38,7 @@ from latentedit.errors import (
 )
 from latentedit.methods import interfacegan as ifg
 from latentedit.methods.inversion import invert
+from latentedit.methods.sgf import sgf_edit
 from latentedit.models.generator import StagedGenerator
 from latentedit.models.registry import load_generator
 from latentedit.repository import ModelRepository
@@ -133,8 +134,8 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
         method = request.WhichOneof("method")
         if method is None:
             raise InvalidArgument("method: choose one of interfacegan, wstar, dplase, sgf")
-        if method != "interfacegan":
-            raise Unimplemented(f"{method} edits are not available yet; available: interfacegan")
+        if method not in ("interfacegan", "sgf"):
+            raise Unimplemented(f"{method} edits are not available yet; available: interfacegan, sgf")
         if request.image_encoding not in types_pb2.ImageEncoding.values():
             raise InvalidArgument(f"image_encoding {request.image_encoding} is unknown")
         frames = request.num_frames or 8
@@ -148,6 +149,9 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
             if unknown:
                 raise NotFound(f"score_heads: unknown head(s) {unknown}; heads: {', '.join(known)}")
         start, generator = self._start(request, down)
+        if method == "sgf":
+            yield from self._sgf(request, down, start, generator, heads)
+            return
         spec = request.interfacegan
         boundary, _ = load_boundary(self.repo, spec.boundary, generator=generator.name)
         condition_boundaries = [load_boundary(self.repo, name, generator=generator.name)[0] for name in spec.condition_boundaries]
@@ -173,6 +177,89 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
             if index == frames - 1:
                 frame.stop_reason = editor_pb2.STOP_REASON_COMPLETED
             yield frame
+
+    def _sgf(self, request, down: Downstream, start: np.ndarray, generator: types_pb2.ModelRef, heads: list[str]):
+        """SGF Algorithm 1: each Euler step is synthesized, scored and streamed as a frame."""
+        spec = request.sgf
+        mapping, condition, _ = load_mapping(self.repo, spec.mapping, generator=generator.name)
+        target_kind = spec.WhichOneof("target")
+        if target_kind is None:
+            raise InvalidArgument("sgf.target: give attribute values, keypoints or a caption")
+        expected = {"attributes": "attributes", "keypoints": "keypoints", "caption": "caption"}[target_kind]
+        if condition.kind != expected:
+            raise FailedPrecondition(f"mapping {spec.mapping!r} was trained on {condition.kind} conditions; the target is {target_kind}")
+        step_size = spec.step_size or 0.2
+        order = spec.neumann_order if spec.neumann_order > 0 else 1
+        steps = spec.max_steps or 20
+        tolerance = spec.tolerance or 0.1
+        if not 0 < step_size <= 1 or not 0 <= order <= 10 or not 1 <= steps <= self.config.max_frames or tolerance <= 0:
+            raise InvalidArgument("sgf: step_size must be in (0, 1], neumann_order in 0..10, max_steps in "
+                                  f"1..{self.config.max_frames}, tolerance > 0")
+        caption_target = None
+        if target_kind == "caption":
+            text = spec.caption.text
+            if not text.strip():
+                raise InvalidArgument("sgf.caption.text is empty; give a sentence such as 'a smiling young woman'")
+            response = down._call("scorer", self.scorer_address, self.scorer.EmbedText, scorer_pb2.EmbedTextRequest(texts=[text]))
+            caption_target = wire.from_tensor(response.embeddings, field="embeddings")[0]
+        last: dict = {}
+
+        def measure(z: torch.Tensor) -> torch.Tensor:
+            images = down.synthesize(generator, z.numpy())
+            heads_needed = list(dict.fromkeys([*condition.heads, *heads]))
+            outputs = down.score(images, heads_needed)
+            decoded = {h.head: {o.name: wire.from_tensor(o.tensor, field=o.name) for o in h.outputs} for h in outputs}
+            last.update(images=images, scores=[h for h in outputs if h.head in heads], raw=condition.raw(decoded))
+            return torch.from_numpy(condition.standardise(last["raw"]))
+
+        z0 = torch.from_numpy(start.astype(np.float32))
+        first = measure(z0)
+        target_raw, mask = self._sgf_target(spec, target_kind, condition, last["raw"], caption_target)
+        target = torch.from_numpy(condition.standardise(target_raw))
+        for step in sgf_edit(mapping, measure, z0, target, step_size, order, steps, tolerance, torch.from_numpy(mask), first):
+            frame = editor_pb2.EditFrame(index=step.index, latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z,
+                                                                                    values=wire.to_tensor(step.latents.numpy())))
+            if not request.omit_images:
+                frame.images.CopyFrom(wire.encode_images(last["images"], request.image_encoding))
+            frame.scores.extend(last["scores"])
+            frame.metrics["distance_to_target"] = float(step.distance.mean())
+            frame.metrics["reached"] = float((step.distance <= tolerance).float().mean())
+            if step.done:
+                frame.stop_reason = {"target_reached": editor_pb2.STOP_REASON_TARGET_REACHED, "diverged": editor_pb2.STOP_REASON_DIVERGED}.get(
+                    step.reason, editor_pb2.STOP_REASON_STEP_LIMIT)
+            yield frame
+
+    @staticmethod
+    def _sgf_target(spec, kind: str, condition, current_raw: np.ndarray, caption_target) -> tuple[np.ndarray, np.ndarray]:
+        """Target condition (raw units) per sample and the mask of entries that are targeted."""
+        target = current_raw.copy()
+        mask = np.zeros(current_raw.shape[1], np.float32)
+        if kind == "attributes":
+            if not spec.attributes.values:
+                raise InvalidArgument("sgf.attributes.values is empty; name at least one attribute and its target value")
+            names = [a.name for a in condition.attributes]
+            for value in spec.attributes.values:
+                ref = value.attribute
+                matches = [i for i, a in enumerate(condition.attributes)
+                           if a.head == ref.head and a.output == ref.output and (a.label == ref.label if ref.label else a.index in (None, ref.index))]
+                if not matches:
+                    raise NotFound(f"attribute {ref.head}.{ref.output}{'.' + ref.label if ref.label else ''} is not one the mapping "
+                                   f"was trained on; attributes: {', '.join(names)}")
+                if not np.isfinite(value.value):
+                    raise InvalidArgument("sgf.attributes.values: target values must be finite")
+                target[:, matches[0]] = value.value
+                mask[matches[0]] = 1.0
+            return target, mask
+        if kind == "keypoints":
+            points = wire.from_tensor(spec.keypoints.points, field="sgf.keypoints.points", dtypes=FLOAT_DTYPES)
+            count = current_raw.shape[1] // 2
+            if points.ndim == 2:
+                points = np.broadcast_to(points, (len(current_raw), *points.shape))
+            if points.ndim != 3 or points.shape[1:] != (count, 2) or points.shape[0] != len(current_raw):
+                raise InvalidArgument(f"sgf.keypoints.points: shape {list(points.shape)}; this mapping needs [{count}, 2] or "
+                                      f"[N={len(current_raw)}, {count}, 2] points in image pixels")
+            return (points / condition.image_size).reshape(len(current_raw), -1).astype(np.float32), np.ones_like(mask)
+        return np.broadcast_to(caption_target, current_raw.shape).astype(np.float32), np.ones_like(mask)
 
     def _start(self, request, down: Downstream) -> tuple[np.ndarray, types_pb2.ModelRef]:
         which = request.WhichOneof("start")

@@ -15,6 +15,7 @@ from latentedit.methods.interfacegan import Boundary
 from latentedit.repository import Entry, ModelRepository
 
 BOUNDARY_KIND = "boundary"
+MAPPING_KIND = "mapping"
 CORRELATION_KIND = "correlation-report"
 
 
@@ -49,3 +50,30 @@ def write_report(repo: ModelRepository, name: str, kind: str, report: dict[str, 
         (folder / "report.json").write_text(json.dumps(report, indent=2))
 
     return repo.write(name, {**manifest, "kind": kind, "files": {"report": "report.json"}}, populate)
+
+
+def write_mapping(repo: ModelRepository, name: str, mapping, condition, manifest: dict[str, Any]) -> Entry:
+    """An SGF auxiliary mapping F: its weights, architecture and condition definition."""
+
+    def populate(folder: Path) -> None:
+        save_file({k: v.detach().contiguous() for k, v in mapping.state_dict().items()}, str(folder / "mapping.safetensors"))
+
+    return repo.write(name, {**manifest, "kind": MAPPING_KIND, "config": mapping.config(), "coefficient": mapping.coefficient,
+                             "condition": condition.to_dict(), "files": {"mapping": "mapping.safetensors"}}, populate)
+
+
+def load_mapping(repo: ModelRepository, name: str, version: int = 0, generator: str | None = None):
+    """(AuxiliaryMapping in eval mode, ConditionSpec, Entry)."""
+    from latentedit.conditions import ConditionSpec
+    from latentedit.methods.sgf import AuxiliaryMapping
+
+    try:
+        entry = repo.resolve(name, version, kind=MAPPING_KIND)
+    except NotFound as exc:
+        available = ", ".join(e.name for e in repo.entries(MAPPING_KIND)) or "none trained yet"
+        raise FailedPrecondition(f"no trained SGF mapping named {name!r}; mappings: {available}; train one with a mapping job") from exc
+    if generator is not None and entry.manifest.get("generator", {}).get("name") != generator:
+        raise FailedPrecondition(f"mapping {name!r} was trained for generator {entry.manifest['generator'].get('name')!r}, not {generator!r}")
+    mapping = AuxiliaryMapping(**entry.manifest["config"], coefficient=float(entry.manifest["coefficient"]))
+    mapping.load_state_dict(load_file(str(entry.file("mapping"))))
+    return mapping.eval(), ConditionSpec.from_dict(entry.manifest["condition"]), entry

@@ -15,9 +15,10 @@ from google.protobuf.json_format import MessageToDict
 
 from latentedit import attributes, wire
 from latentedit.api.v1 import generator_pb2, trainer_pb2, types_pb2
-from latentedit.artifacts import CORRELATION_KIND, load_boundary, write_boundary, write_report
+from latentedit.artifacts import CORRELATION_KIND, load_boundary, write_boundary, write_mapping, write_report
 from latentedit.client import GeneratorClient, ScorerClient, dependency
-from latentedit.errors import InvalidArgument, NotFound, Unimplemented
+from latentedit.conditions import ConditionSpec
+from latentedit.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from latentedit.methods import interfacegan as ifg
 from latentedit.repository import ModelRepository, validate_name
 from trainer_svc.runner import JobBody, JobContext
@@ -303,10 +304,105 @@ def run_correlation(ctx: JobContext, p: CorrelationParams) -> trainer_pb2.Artifa
                                    kind=trainer_pb2.ARTIFACT_KIND_CORRELATION_REPORT)
 
 
+# ---- SGF auxiliary mapping ----------------------------------------------------------------------
+
+
+@dataclass
+class MappingParams:
+    spec: trainer_pb2.MappingJobSpec
+    generator: types_pb2.ModelRef
+    condition: ConditionSpec
+    num_pairs: int
+    depth: int
+    hidden: int
+    steps: int
+    learning_rate: float
+    batch: int
+    seed: int
+    name: str
+    deps: Dependencies
+
+
+def validate_mapping(spec: trainer_pb2.MappingJobSpec, deps: Dependencies) -> MappingParams:
+    heads = deps.heads()
+    schemas = {h.name: h for h in heads}
+    info = deps.generator_info(spec.generator)
+    if spec.condition == trainer_pb2.CONDITION_KIND_ATTRIBUTES:
+        if not spec.attributes:
+            raise InvalidArgument("attributes: an ATTRIBUTES mapping needs at least one attribute")
+        condition = ConditionSpec("attributes", [attributes.resolve(a, heads, f"attributes[{i}]") for i, a in enumerate(spec.attributes)])
+    elif spec.condition == trainer_pb2.CONDITION_KIND_KEYPOINTS:
+        head = schemas.get(spec.keypoints_head)
+        if head is None or "points" not in {o.name for o in head.outputs}:
+            keypoint_heads = [h.name for h in heads if "points" in {o.name for o in h.outputs}]
+            raise NotFound(f"keypoints_head {spec.keypoints_head!r} is not a keypoint head; keypoint heads: {', '.join(keypoint_heads)}")
+        condition = ConditionSpec("keypoints", keypoints_head=spec.keypoints_head, image_size=info.resolution)
+    elif spec.condition == trainer_pb2.CONDITION_KIND_CAPTION:
+        if "caption" not in schemas:
+            raise FailedPrecondition("the scorer has no caption head")
+        condition = ConditionSpec("caption")
+    else:
+        raise InvalidArgument("condition: choose CONDITION_KIND_ATTRIBUTES, _KEYPOINTS or _CAPTION")
+    num = spec.num_pairs or 2000
+    if not MIN_SAMPLES <= num <= MAX_SAMPLES:
+        raise InvalidArgument(f"num_pairs {num} must be in {MIN_SAMPLES}..{MAX_SAMPLES}")
+    depth, hidden = spec.depth or 6, spec.hidden_dim or 256
+    if not 2 <= depth <= 32 or not 8 <= hidden <= 4096:
+        raise InvalidArgument(f"depth {depth} must be in 2..32 and hidden_dim {hidden} in 8..4096")
+    steps = spec.options.steps or 3000
+    rate = spec.options.learning_rate or 2e-3
+    if not 1 <= steps <= 1_000_000 or not 0 < rate <= 1:
+        raise InvalidArgument(f"options.steps {steps} must be in 1..1000000 and learning_rate {rate:g} in (0, 1]")
+    batch, seed = _options(spec.options)
+    name = _artifact_name(spec.options, f"{info.ref.name}-sgf-{condition.kind}")
+    return MappingParams(spec, info.ref, condition, num, depth, hidden, steps, rate, batch, seed, name, deps)
+
+
+def run_mapping(ctx: JobContext, p: MappingParams) -> trainer_pb2.ArtifactRef:
+    import torch
+
+    from latentedit.methods.sgf import AuxiliaryMapping, train_mapping
+
+    latents, raw = [], []
+    for index, start in enumerate(range(0, p.num_pairs, p.batch)):
+        ctx.check()
+        count = min(p.batch, p.num_pairs - start)
+        z, _ = p.deps.sample(p.generator, count, _batch_seed(p.seed, index))
+        latents.append(z)
+        raw.append(p.condition.raw(p.deps.score(p.deps.images(p.generator, z), p.condition.heads)))
+        ctx.report("building (z, c) pairs", 0.4 * (start + count) / p.num_pairs, message=f"{start + count}/{p.num_pairs} pairs")
+    z_all, raw_all = np.concatenate(latents), np.concatenate(raw)
+    p.condition.fit(raw_all)
+    c_all = p.condition.standardise(raw_all)
+    held_out = max(1, len(z_all) // 10)
+    z_train, c_train = torch.from_numpy(z_all[held_out:]), torch.from_numpy(c_all[held_out:])
+    torch.manual_seed(p.seed)
+    mapping = AuxiliaryMapping(z_all.shape[1], c_all.shape[1], depth=p.depth, hidden=p.hidden)
+
+    def progress(step: int, loss: float) -> bool:
+        ctx.check()
+        ctx.report("training F", 0.4 + 0.55 * step / p.steps, {"train_loss": loss})
+        return True
+
+    loss = train_mapping(mapping, z_train, c_train, p.steps, batch_size=128, learning_rate=p.learning_rate, seed=p.seed,
+                         progress=progress)
+    with torch.no_grad():
+        z_val, c_val = torch.from_numpy(z_all[:held_out]), torch.from_numpy(c_all[:held_out])
+        error = float((mapping(z_val, c_val) - z_val).pow(2).sum(1).mean() / z_val.pow(2).sum(1).mean())
+    metrics = {"train_loss": loss, "reconstruction_error": error, "max_spectral_norm": max(mapping.layer_spectral_norms()),
+               "num_pairs": float(p.num_pairs), "condition_dim": float(c_all.shape[1])}
+    ctx.report("writing the mapping", 0.98, metrics)
+    entry = write_mapping(p.deps.repo, p.name, mapping, p.condition, {
+        "generator": {"name": p.generator.name, "version": p.generator.version}, "space": "z",
+        "metrics": metrics, "job_id": ctx.job_id, "spec": MessageToDict(p.spec)})
+    return trainer_pb2.ArtifactRef(ref=types_pb2.ModelRef(name=entry.name, version=entry.version), kind=trainer_pb2.ARTIFACT_KIND_MAPPING)
+
+
 JOB_KINDS: dict[str, tuple[Any, JobBody]] = {
     "boundary": (validate_boundary, run_boundary),
     "custom_boundary": (validate_custom_boundary, run_custom_boundary),
     "correlation": (validate_correlation, run_correlation),
+    "mapping": (validate_mapping, run_mapping),
 }
 
 

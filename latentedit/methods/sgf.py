@@ -68,6 +68,7 @@ class AuxiliaryMapping(nn.Module):
         if not 0 < coefficient < 1:
             raise ValueError("coefficient must be in (0, 1) so that F is a contraction in z")
         self.latent_dim, self.condition_dim, self.depth, self.hidden = latent_dim, condition_dim, depth, hidden
+        self.coefficient = coefficient
         self.inp = _ScaledSpectralLinear(latent_dim, hidden, coefficient)
         self.inp_style = _ScaledSpectralLinear(condition_dim, hidden, coefficient)
         self.blocks = nn.ModuleList([_ModulatedLayer(hidden, condition_dim, coefficient) for _ in range(depth - 2)])
@@ -159,17 +160,19 @@ def sgf_edit(
     max_steps: int = 20,
     tolerance: float = 0.05,
     condition_mask: torch.Tensor | None = None,
+    initial_condition: torch.Tensor | None = None,
 ):
     """Algorithm 1 as a generator of steps (the editor streams each as a frame).
 
     `measure(z)` returns C(G(z)) [N, k] (through the services in the editor). `condition_mask`
     [k] (1 = targeted) limits the stopping test to the targeted entries; the others are held at
     their start values by the target itself. Samples that reached the target stop moving.
+    `initial_condition` saves one measurement when the caller already has C(G(z0)).
     """
     mapping.eval()
     with torch.no_grad():
         z = z0.clone()
-        c = measure(z)
+        c = measure(z) if initial_condition is None else initial_condition
     mask = torch.ones(c.shape[1]) if condition_mask is None else condition_mask.to(c)
     step_length = torch.linalg.vector_norm(step_size * (target - c), dim=1, keepdim=True)
     active = torch.ones(len(z), dtype=torch.bool)
