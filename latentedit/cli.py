@@ -107,6 +107,59 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute_ref(text: str):
+    """'pose.yaw' or 'expression.probabilities.happy' -> AttributeRef."""
+    from latentedit.api.v1 import types_pb2
+
+    parts = text.split(".")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise SystemExit(f"error: attribute {text!r} must look like head.output or head.output.label (e.g. pose.yaw)")
+    return types_pb2.AttributeRef(head=parts[0], output=parts[1], label=parts[2] if len(parts) == 3 else "")
+
+
+def _watch(stub, job, what: str) -> int:
+    from latentedit.api.v1 import trainer_pb2
+
+    print(f"job {job.id}: {what}")
+    for event in stub.WatchJob(trainer_pb2.WatchJobRequest(id=job.id)):
+        job = event.job
+        print("\r" + _progress_line(job), end="", flush=True)
+    print()
+    if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
+        print(f"error: job {job.id} {trainer_pb2.JobState.Name(job.state)}: {job.error}", file=sys.stderr)
+        return 1
+    for key in sorted(job.metrics):
+        print(f"  {key:24s} {job.metrics[key]:.4f}")
+    print(f"{trainer_pb2.ArtifactKind.Name(job.artifact.kind).removeprefix('ARTIFACT_KIND_').lower()} "
+          f"{job.artifact.ref.name} v{job.artifact.ref.version} written")
+    return 0
+
+
+def _trainer(args):
+    from latentedit.api.v1 import trainer_pb2_grpc
+    from latentedit.client import connect, wait_serving
+
+    address = args.target or _config(args).address("trainer")
+    channel = connect(address)
+    wait_serving(channel, timeout_s=args.wait, what=f"trainer at {address}")
+    return trainer_pb2_grpc.TrainerServiceStub(channel)
+
+
+def cmd_train_mapping(args: argparse.Namespace) -> int:
+    from latentedit.api.v1 import trainer_pb2, types_pb2
+
+    kinds = {"attributes": trainer_pb2.CONDITION_KIND_ATTRIBUTES, "keypoints": trainer_pb2.CONDITION_KIND_KEYPOINTS,
+             "caption": trainer_pb2.CONDITION_KIND_CAPTION}
+    spec = trainer_pb2.MappingJobSpec(
+        generator=types_pb2.ModelRef(name=args.model), condition=kinds[args.condition],
+        attributes=[_attribute_ref(a) for a in args.attribute], keypoints_head=args.keypoints_head,
+        num_pairs=args.pairs, depth=args.depth, hidden_dim=args.hidden,
+        options=trainer_pb2.TrainingOptions(seed=args.seed, steps=args.steps, artifact_name=args.name))
+    stub = _trainer(args)
+    job = stub.StartJob(trainer_pb2.StartJobRequest(idempotency_key=args.key, mapping=spec), timeout=120)
+    return _watch(stub, job, f"training SGF mapping {args.name or '(auto name)'} on {args.condition}")
+
+
 def _progress_line(job) -> str:
     from latentedit.api.v1 import trainer_pb2
 
@@ -118,14 +171,9 @@ def _progress_line(job) -> str:
 
 
 def cmd_train_boundary(args: argparse.Namespace) -> int:
-    from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc, types_pb2
-    from latentedit.client import connect, wait_serving
+    from latentedit.api.v1 import trainer_pb2, types_pb2
 
-    config = _config(args)
-    address = args.target or config.address("trainer")
-    channel = connect(address)
-    wait_serving(channel, timeout_s=args.wait, what=f"trainer at {address}")
-    stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+    stub = _trainer(args)
     spec = trainer_pb2.BoundaryJobSpec(
         generator=types_pb2.ModelRef(name=args.model),
         attribute=types_pb2.AttributeRef(head=args.head, output=args.output, label=args.label, index=args.index),
@@ -138,18 +186,8 @@ def cmd_train_boundary(args: argparse.Namespace) -> int:
         spec.quality_min = args.quality_min
     request = trainer_pb2.StartJobRequest(idempotency_key=args.key, display_name=f"boundary {args.name}", boundary=spec)
     job = stub.StartJob(request, timeout=120)
-    print(f"job {job.id}: training boundary {args.name or '(auto name)'} on {args.head}.{args.output}{'.' + args.label if args.label else ''}")
-    for event in stub.WatchJob(trainer_pb2.WatchJobRequest(id=job.id)):
-        job = event.job
-        print("\r" + _progress_line(job), end="", flush=True)
-    print()
-    if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
-        print(f"error: job {job.id} {trainer_pb2.JobState.Name(job.state)}: {job.error}", file=sys.stderr)
-        return 1
-    for key in sorted(job.metrics):
-        print(f"  {key:24s} {job.metrics[key]:.4f}")
-    print(f"boundary {job.artifact.ref.name} v{job.artifact.ref.version} written")
-    return 0
+    label = f"{args.head}.{args.output}{'.' + args.label if args.label else ''}"
+    return _watch(stub, job, f"training boundary {args.name or '(auto name)'} on {label}")
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -167,17 +205,22 @@ def cmd_edit(args: argparse.Namespace) -> int:
     request = editor_pb2.EditRequest(
         generator=types_pb2.ModelRef(name=args.model),
         seed=editor_pb2.SeedStart(seed=args.seed, count=args.count),
-        interfacegan=editor_pb2.InterFaceGANEdit(
-            boundary=args.boundary, condition_boundaries=args.condition, start_distance=args.start, end_distance=args.end
-        ),
         num_frames=args.frames,
         score_heads=args.score,
     )
+    if args.method == "interfacegan":
+        if not args.boundary:
+            raise SystemExit("error: --boundary is required with --method interfacegan")
+        request.interfacegan.CopyFrom(editor_pb2.InterFaceGANEdit(
+            boundary=args.boundary, condition_boundaries=args.condition, start_distance=args.start, end_distance=args.end))
+    else:
+        request.sgf.CopyFrom(_sgf_request(args, config))
     frames, labels = [], []
     for frame in editor_pb2_grpc.EditorServiceStub(channel).Edit(request, timeout=600):
         images = wire.decode_images(frame.images)
         scores = {f"{h.head}.{o.name}": wire.from_tensor(o.tensor, field=o.name) for h in frame.scores for o in h.outputs}
-        lines = [[f"d={frame.metrics['distance']:+.1f}"] for _ in range(len(images))]
+        step = f"d={frame.metrics['distance']:+.1f}" if "distance" in frame.metrics else f"step {frame.index}"
+        lines = [[step] for _ in range(len(images))]
         # Under each face: the distance and the first scalar output of each scored head.
         for head in dict.fromkeys(k.split(".", 1)[0] for k in scores):
             key = next((k for k in scores if k.startswith(head + ".") and scores[k].ndim == 1), None)
@@ -186,10 +229,77 @@ def cmd_edit(args: argparse.Namespace) -> int:
         frames.append(images)
         labels.append(lines)
         shown = ", ".join(f"{k} {np.mean(v):.2f}" for k, v in scores.items() if v.ndim == 1)
-        print(f"frame {frame.index:3d}  distance {frame.metrics['distance']:+.2f}  mean {shown}", flush=True)
+        where = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(frame.metrics.items()) if "/" not in k)
+        stop = f"  [{editor_pb2.StopReason.Name(frame.stop_reason).removeprefix('STOP_REASON_').lower()}]" if frame.stop_reason else ""
+        print(f"frame {frame.index:3d}  {where}  mean {shown}{stop}", flush=True)
     png, gif = write_edit(frames, labels, Path(args.out))
     print(f"wrote {png} and {gif}")
     return 0
+
+
+def cmd_eval_mds(args: argparse.Namespace) -> int:
+    from latentedit.evaluation import DEFAULT_ATTRIBUTES, World, plot_curves, run_mds
+    from latentedit.models.registry import load_generator
+    from latentedit.repository import ModelRepository
+    from latentedit.scoring import Scorer
+
+    config = _config(args)
+    repo = ModelRepository(config.repository)
+    unknown = [t for t in args.attributes if t not in DEFAULT_ATTRIBUTES]
+    if unknown:
+        raise SystemExit(f"error: unknown attribute(s) {unknown}; known: {', '.join(DEFAULT_ATTRIBUTES)}")
+    scorer = Scorer(repo)
+    scorer.refresh()
+    world = World(load_generator(repo.resolve(args.model or config.generator.default_model, kind="generator")), scorer, DEFAULT_ATTRIBUTES,
+                  log=lambda m: print(m, flush=True))
+    results, thresholds = run_mds(world, args.attributes, num_train=args.train, num_test=args.samples, sgf_steps=args.sgf_steps)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_curves(results, out.with_suffix(".png"))
+    methods = list(dict.fromkeys(r.method for r in results))
+    lines = ["| method | " + " | ".join(args.attributes) + " | overall |", "|---|" + "---|" * (len(args.attributes) + 1)]
+    for method in methods:
+        scores = [next(r.mds for r in results if r.method == method and r.attribute == a) for a in args.attributes]
+        lines.append(f"| {method} | " + " | ".join(f"{v:.3f}" for v in scores) + f" | {sum(scores) / len(scores):.3f} |")
+    table = "\n".join(lines)
+    out.with_suffix(".md").write_text(table + "\n\nChange thresholds: " + ", ".join(f"{k} {v:.3g}" for k, v in thresholds.items()) + "\n")
+    print(table)
+    print(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.md')}")
+    return 0
+
+
+def _sgf_request(args: argparse.Namespace, config):
+    """SGF target from the command line: --target head.output=value, --keypoints-from-seed, or --caption."""
+    import numpy as np
+
+    from latentedit import wire
+    from latentedit.api.v1 import editor_pb2
+
+    if not args.mapping:
+        raise SystemExit("error: --mapping is required with --method sgf")
+    request = editor_pb2.SGFEdit(mapping=args.mapping, max_steps=args.steps, tolerance=args.tolerance, step_size=args.step_size)
+    chosen = [bool(args.target_value), args.keypoints_from_seed is not None, bool(args.caption)]
+    if sum(chosen) != 1:
+        raise SystemExit("error: give exactly one SGF target: --set head.output=value (repeatable), --keypoints-from-seed N or --caption TEXT")
+    if args.target_value:
+        for item in args.target_value:
+            name, _, value = item.partition("=")
+            try:
+                number = float(value)
+            except ValueError:
+                raise SystemExit(f"error: --set {item!r} must look like pose.yaw=25") from None
+            request.attributes.values.append(editor_pb2.AttributeValue(attribute=_attribute_ref(name), value=number))
+    elif args.caption:
+        request.caption.text = args.caption
+    else:
+        # Target keypoints: those of another sample, measured through the services.
+        from latentedit.client import GeneratorClient, ScorerClient, connect
+
+        generator = GeneratorClient(connect(config.address("generator")), args.model)
+        images = generator.synthesize(generator.sample(1, args.keypoints_from_seed))
+        points = ScorerClient(connect(config.address("scorer"))).score(images, [args.keypoints_head])[args.keypoints_head]["points"][0]
+        request.keypoints.points.CopyFrom(wire.to_tensor(points.astype(np.float32)))
+    return request
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,8 +351,34 @@ def build_parser() -> argparse.ArgumentParser:
     boundary.add_argument("--wait", type=float, default=180)
     boundary.set_defaults(func=cmd_train_boundary)
 
+    mapping = train_sub.add_parser("mapping", help="an SGF auxiliary mapping F(z, c)")
+    mapping.add_argument("--condition", choices=["attributes", "keypoints", "caption"], required=True)
+    mapping.add_argument("--attribute", action="append", default=[], help="head.output[.label] (repeatable), for attributes")
+    mapping.add_argument("--keypoints-head", default="keypoints5")
+    mapping.add_argument("--pairs", type=int, default=2000, help="(z, c) pairs (the paper: 200,000)")
+    mapping.add_argument("--depth", type=int, default=6)
+    mapping.add_argument("--hidden", type=int, default=256)
+    mapping.add_argument("--steps", type=int, default=3000, help="training steps")
+    mapping.add_argument("--name", default="")
+    mapping.add_argument("--model", default="")
+    mapping.add_argument("--seed", type=int, default=0)
+    mapping.add_argument("--key", default="")
+    mapping.add_argument("--target", default="", help="trainer address (default: from the config)")
+    mapping.add_argument("--wait", type=float, default=180)
+    mapping.set_defaults(func=cmd_train_mapping)
+
     edit = sub.add_parser("edit", help="stream an edit and write a strip PNG and an animated GIF")
-    edit.add_argument("--boundary", required=True)
+    edit.add_argument("--method", choices=["interfacegan", "sgf"], default="interfacegan")
+    edit.add_argument("--boundary", default="", help="InterFaceGAN boundary")
+    edit.add_argument("--mapping", default="", help="SGF mapping")
+    edit.add_argument("--set", dest="target_value", action="append", default=[],
+                      help="SGF attribute target head.output[.label]=value (repeatable), e.g. pose.yaw=25")
+    edit.add_argument("--keypoints-from-seed", type=int, default=None, help="SGF keypoint target: another sample's keypoints")
+    edit.add_argument("--keypoints-head", default="keypoints5")
+    edit.add_argument("--caption", default="", help="SGF caption target")
+    edit.add_argument("--steps", type=int, default=20, help="SGF step limit")
+    edit.add_argument("--step-size", type=float, default=0.2)
+    edit.add_argument("--tolerance", type=float, default=0.1, help="SGF stop distance, in standardised condition units")
     edit.add_argument("--condition", action="append", default=[], help="boundary to hold fixed (repeatable)")
     edit.add_argument("--start", type=float, default=-3.0)
     edit.add_argument("--end", type=float, default=3.0)
@@ -255,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--target", default="", help="editor address (default: from the config)")
     edit.add_argument("--wait", type=float, default=180)
     edit.set_defaults(func=cmd_edit)
+    evaluate = sub.add_parser("eval", help="evaluate edit methods")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
+    mds = eval_sub.add_parser("mds", help="Manipulation Disentanglement Score of every method (SGF paper 4.4.1)")
+    mds.add_argument("--attributes", nargs="+", default=["smile", "yaw", "mouth-open", "male"])
+    mds.add_argument("--samples", type=int, default=100, help="test samples per attribute")
+    mds.add_argument("--train", type=int, default=2000, help="samples for boundaries, PCA and F")
+    mds.add_argument("--sgf-steps", type=int, default=3000, help="training steps of SGF's F")
+    mds.add_argument("--model", default="")
+    mds.add_argument("--out", default="out/mds", help="path without suffix: writes .png (curves) and .md (table)")
+    mds.set_defaults(func=cmd_eval_mds)
     return parser
 
 
