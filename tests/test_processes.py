@@ -222,3 +222,24 @@ def test_interfacegan_end_to_end_through_the_public_api(suite):
     plain, _ = condition_distances([])
     drift = [yaw_boundary.distance(wire.from_tensor(f.latents.values, field="z")).mean() for f in plain]
     assert drift[-1] - drift[0] == pytest.approx(3 * cosine, abs=1e-3)
+
+
+def test_cli_trains_an_sgf_mapping_and_writes_an_sgf_edit(suite, tmp_path):
+    config, _, _ = suite
+    train = _cli("--config", str(config), "train", "mapping", "--condition", "attributes", "--attribute", "pose.yaw",
+                 "--attribute", "expression.probabilities.happy", "--pairs", "400", "--steps", "400", "--name", "cli-sgf",
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = train.communicate(timeout=600)
+    assert train.returncode == 0, output
+    assert "max_spectral_norm" in output and "mapping cli-sgf v1 written" in output
+    out = tmp_path / "sgf"
+    edit = _cli("--config", str(config), "edit", "--method", "sgf", "--mapping", "cli-sgf", "--set", "pose.yaw=20",
+                "--score", "pose", "--count", "2", "--steps", "5", "--out", str(out),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = edit.communicate(timeout=600)
+    assert edit.returncode == 0, output
+    assert Image.open(out.with_suffix(".png")).size[0] > 64 and out.with_suffix(".gif").exists()
+    bad = _cli("--config", str(config), "edit", "--method", "sgf", "--mapping", "cli-sgf", "--set", "pose.tilt=3",
+               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = bad.communicate(timeout=120)
+    assert bad.returncode == 1 and output.startswith("error: NOT_FOUND") and "Traceback" not in output
