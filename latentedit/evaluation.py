@@ -28,7 +28,7 @@ from latentedit.attributes import Attribute
 from latentedit.conditions import ConditionSpec
 from latentedit.methods import interfacegan as ifg
 from latentedit.methods.sgf import AuxiliaryMapping, sgf_edit, train_mapping
-from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER, StagedGenerator, sample_latents
+from latentedit.models.generator import INPUT_LAYER, StagedGenerator, sample_latents
 from latentedit.scoring import Scorer
 from latentedit.wire import float_to_uint8_images
 

@@ -107,7 +107,7 @@ def test_four_services_with_reflection_health_and_a_generated_grid(suite, tmp_pa
 
     with pytest.raises(grpc.RpcError) as info:
         list(editor_pb2_grpc.EditorServiceStub(connect(f"localhost:{ports['editor']}")).Edit(
-            editor_pb2.EditRequest(seed=editor_pb2.SeedStart(count=1), sgf=editor_pb2.SGFEdit(mapping="m")), timeout=5
+            editor_pb2.EditRequest(seed=editor_pb2.SeedStart(count=1), wstar=editor_pb2.WStarEdit(flow="f")), timeout=5
         ))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert process.poll() is None
