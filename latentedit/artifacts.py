@@ -31,16 +31,22 @@ def write_boundary(repo: ModelRepository, name: str, boundary: Boundary, manifes
     return repo.write(name, {**manifest, "kind": BOUNDARY_KIND, "files": {"boundary": "boundary.safetensors"}}, populate)
 
 
-def load_boundary(repo: ModelRepository, name: str, version: int = 0, generator: str | None = None) -> tuple[Boundary, Entry]:
+def _resolve_trained(repo: ModelRepository, kind: str, what: str, name: str, version: int, generator: str | None,
+                     missing: type[Exception], hint: str = "") -> Entry:
+    """A trained artifact of `kind`, checked to belong to `generator`; `missing` is raised when absent."""
     try:
-        entry = repo.resolve(name, version, kind=BOUNDARY_KIND)
+        entry = repo.resolve(name, version, kind=kind)
     except NotFound as exc:
-        available = ", ".join(e.name for e in repo.entries(BOUNDARY_KIND)) or "none trained yet"
-        raise NotFound(f"no boundary named {name!r}; boundaries: {available}") from exc
-    if generator is not None and entry.manifest.get("generator", {}).get("name") != generator:
-        raise FailedPrecondition(
-            f"boundary {name!r} was trained for generator {entry.manifest.get('generator', {}).get('name')!r}, not {generator!r}"
-        )
+        available = ", ".join(e.name for e in repo.entries(kind)) or "none trained yet"
+        raise missing(f"no {what} named {name!r}; available: {available}{hint}") from exc
+    trained_for = entry.manifest.get("generator", {}).get("name")
+    if generator is not None and trained_for != generator:
+        raise FailedPrecondition(f"{what} {name!r} was trained for generator {trained_for!r}, not {generator!r}")
+    return entry
+
+
+def load_boundary(repo: ModelRepository, name: str, version: int = 0, generator: str | None = None) -> tuple[Boundary, Entry]:
+    entry = _resolve_trained(repo, BOUNDARY_KIND, "boundary", name, version, generator, NotFound)
     tensors = load_file(str(entry.file("boundary")))
     return Boundary(tensors["normal"].numpy(), float(tensors["offset"][0])), entry
 
@@ -67,13 +73,9 @@ def load_mapping(repo: ModelRepository, name: str, version: int = 0, generator: 
     from latentedit.conditions import ConditionSpec
     from latentedit.methods.sgf import AuxiliaryMapping
 
-    try:
-        entry = repo.resolve(name, version, kind=MAPPING_KIND)
-    except NotFound as exc:
-        available = ", ".join(e.name for e in repo.entries(MAPPING_KIND)) or "none trained yet"
-        raise FailedPrecondition(f"no trained SGF mapping named {name!r}; mappings: {available}; train one with a mapping job") from exc
-    if generator is not None and entry.manifest.get("generator", {}).get("name") != generator:
-        raise FailedPrecondition(f"mapping {name!r} was trained for generator {entry.manifest['generator'].get('name')!r}, not {generator!r}")
+    # A missing mapping is a precondition (train it first), not an unknown name in the request.
+    entry = _resolve_trained(repo, MAPPING_KIND, "trained SGF mapping", name, version, generator, FailedPrecondition,
+                             "; train one with a mapping job")
     mapping = AuxiliaryMapping(**entry.manifest["config"], coefficient=float(entry.manifest["coefficient"]))
     mapping.load_state_dict(load_file(str(entry.file("mapping"))))
     return mapping.eval(), ConditionSpec.from_dict(entry.manifest["condition"]), entry

@@ -70,7 +70,7 @@ def test_attribute_target_is_reached_for_most_samples(stubs, attribute_mapping):
     yaw = np.stack([_output(f, "pose", "yaw") for f in frames])
     assert frames[-1].stop_reason in (editor_pb2.STOP_REASON_TARGET_REACHED, editor_pb2.STOP_REASON_STEP_LIMIT)
     assert all(f.stop_reason == editor_pb2.STOP_REASON_UNSPECIFIED for f in frames[:-1])  # one frame per step, streamed
-    assert frames[-1].metrics["reached"] >= 0.5
+    assert frames[-1].metrics["reached"] > 0.5, frames[-1].metrics["reached"]  # most samples
     assert np.abs(yaw[-1] - 25).mean() < np.abs(yaw[0] - 25).mean() / 2
 
 
