@@ -76,6 +76,10 @@ def dependency(name: str, address: str) -> Iterator[None]:
         code = exc.code()
         if code == grpc.StatusCode.UNAVAILABLE:
             raise Unavailable(f"the {name} service at {address} is unavailable: {exc.details()}") from exc
+        if code == grpc.StatusCode.CANCELLED:
+            # Our own cancellations never reach here as RpcError: this one came from the server,
+            # which dropped the call (for example while shutting down).
+            raise Unavailable(f"the {name} service at {address} dropped the call (shutting down?): {exc.details()}") from exc
         raise RemoteError(code, f"the {name} service at {address} answered {code.name}: {exc.details()}") from exc
 
 
