@@ -50,7 +50,7 @@ def ensure_entry(
     return entry
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def link_or_copy(source: Path, target: Path) -> None:
     """Hard-link large read-only model files where the file system allows; copy otherwise."""
     try:
         os.link(source, target)
@@ -61,7 +61,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def _copy_files(pairs: dict[str, Path]) -> Callable[[Path], None]:
     def populate(folder: Path) -> None:
         for target, source in pairs.items():
-            _link_or_copy(source, folder / target)
+            link_or_copy(source, folder / target)
 
     return populate
 

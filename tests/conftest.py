@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from latentedit.config import Config, GeneratorConfig
-from latentedit.install import install_defaults
+from latentedit.install import install_defaults, link_or_copy
 from latentedit.repository import ModelRepository
 from latentedit.serving import channel_options
 
@@ -36,20 +35,13 @@ def installed_repo(tmp_path_factory) -> ModelRepository:
     return repo
 
 
-def _link_or_copy(source, target):
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
 @pytest.fixture
 def fresh_repo(installed_repo, tmp_path) -> ModelRepository:
     """A private copy of the installed repository that a test may change."""
     target = tmp_path / "repo"
     # Hard links: tests only add versions, never change existing files, and the dlib and
     # MiniLM files would otherwise be copied (about 240 MB) for every such test.
-    shutil.copytree(installed_repo.root, target, ignore=shutil.ignore_patterns(".cache", ".jobs"), copy_function=_link_or_copy)
+    shutil.copytree(installed_repo.root, target, ignore=shutil.ignore_patterns(".cache", ".jobs"), copy_function=link_or_copy)
     return ModelRepository(target)
 
 
