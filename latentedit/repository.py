@@ -152,13 +152,6 @@ class ModelRepository:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def find(self, kind: str, predicate: Callable[[Entry], bool]) -> Entry | None:
-        """The newest entry of a kind whose manifest satisfies `predicate`."""
-        for entry in self.entries(kind):
-            if predicate(entry):
-                return entry
-        return None
-
     def cache_path(self, subdir: str, key: str, suffix: str) -> Path:
         folder = self.cache_dir / subdir
         folder.mkdir(parents=True, exist_ok=True)

@@ -158,9 +158,6 @@ class ServiceHost:
             pass
         self.stop()
 
-    def request_stop(self) -> None:
-        self._stop_requested.set()
-
     def _label(self) -> str:
         return ", ".join(name.rsplit(".", 1)[-1] for name in self.service_names) or "server"
 
