@@ -25,7 +25,7 @@ from latentedit.api.v1 import (
     types_pb2,
 )
 from latentedit.artifacts import BOUNDARY_KIND, load_boundary, load_mapping
-from latentedit.client import dependency
+from latentedit.client import dependency, outputs_by_head, score_request, synthesize_request
 from latentedit.config import EditorConfig
 from latentedit.errors import (
     Cancelled,
@@ -81,14 +81,12 @@ class Downstream:
         return wire.from_tensor(response.latents.values, field="latents"), response.model
 
     def synthesize(self, generator: types_pb2.ModelRef, latents: np.ndarray) -> np.ndarray:
-        request = generator_pb2.SynthesizeRequest(
-            model=generator, latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(latents))
-        )
+        request = synthesize_request(generator, latents)
         response = self._call("generator", self.s.generator_address, self.s.generator.Synthesize, request)
         return wire.decode_images(response.images)
 
     def score(self, images: np.ndarray, heads: list[str]) -> list[types_pb2.HeadOutput]:
-        request = scorer_pb2.ScoreRequest(images=wire.encode_images(images, types_pb2.IMAGE_ENCODING_RAW_UINT8), heads=heads)
+        request = score_request(images, heads)
         return list(self._call("scorer", self.s.scorer_address, self.s.scorer.Score, request).heads)
 
     def list_heads(self) -> list[str]:
@@ -208,7 +206,7 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
             images = down.synthesize(generator, z.numpy())
             heads_needed = list(dict.fromkeys([*condition.heads, *heads]))
             outputs = down.score(images, heads_needed)
-            decoded = {h.head: {o.name: wire.from_tensor(o.tensor, field=o.name) for o in h.outputs} for h in outputs}
+            decoded = outputs_by_head(outputs)
             last.update(images=images, scores=[h for h in outputs if h.head in heads], raw=condition.raw(decoded))
             return torch.from_numpy(condition.standardise(last["raw"]))
 

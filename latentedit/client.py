@@ -37,6 +37,36 @@ def wait_serving(channel: grpc.Channel, service: str = "", timeout_s: float = 12
     raise Unavailable(f"{what} did not report SERVING within {timeout_s:.0f} s (last: {last})")
 
 
+def synthesize_request(
+    model: types_pb2.ModelRef,
+    latents: np.ndarray,
+    encoding: int = types_pb2.IMAGE_ENCODING_RAW_UINT8,
+    backend: int = types_pb2.BACKEND_UNSPECIFIED,
+) -> generator_pb2.SynthesizeRequest:
+    """Z latents -> images, the request every caller of the generator sends."""
+    return generator_pb2.SynthesizeRequest(
+        model=model,
+        latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(latents)),
+        image_encoding=encoding,
+        backend=backend,
+    )
+
+
+def score_request(images: np.ndarray, heads: list[str]) -> scorer_pb2.ScoreRequest:
+    """uint8 NHWC images, sent raw (the cheapest encoding), scored by `heads`."""
+    return scorer_pb2.ScoreRequest(images=wire.encode_images(images, types_pb2.IMAGE_ENCODING_RAW_UINT8), heads=heads)
+
+
+def outputs_by_head(heads) -> dict[str, dict[str, np.ndarray]]:
+    """HeadOutput messages -> {head: {output: array}} (captions under the output "captions")."""
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for head in heads:
+        results[head.head] = {o.name: wire.from_tensor(o.tensor, field=f"{head.head}.{o.name}") for o in head.outputs}
+        if head.captions:
+            results[head.head]["captions"] = np.array(list(head.captions), dtype=object)
+    return results
+
+
 class GeneratorClient:
     def __init__(self, channel: grpc.Channel, model: str = "", version: int = 0) -> None:
         self.stub = generator_pb2_grpc.GeneratorServiceStub(channel)
@@ -58,12 +88,7 @@ class GeneratorClient:
         timeout: float = 60,
     ) -> np.ndarray:
         """Latents -> uint8 NHWC images."""
-        request = generator_pb2.SynthesizeRequest(
-            model=self.ref(),
-            latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(latents)),
-            image_encoding=encoding,
-            backend=backend,
-        )
+        request = synthesize_request(self.ref(), latents, encoding, backend)
         return wire.decode_images(self.stub.Synthesize(request, timeout=timeout).images)
 
 
@@ -92,14 +117,7 @@ class ScorerClient:
 
     def score(self, images: np.ndarray, heads: list[str], timeout: float = 300) -> dict[str, dict[str, np.ndarray]]:
         """uint8 NHWC images -> {head: {output: array}} (captions under the output "captions")."""
-        request = scorer_pb2.ScoreRequest(images=wire.encode_images(images, types_pb2.IMAGE_ENCODING_RAW_UINT8), heads=heads)
-        response = self.stub.Score(request, timeout=timeout)
-        results: dict[str, dict[str, np.ndarray]] = {}
-        for head in response.heads:
-            results[head.head] = {o.name: wire.from_tensor(o.tensor, field=f"{head.head}.{o.name}") for o in head.outputs}
-            if head.captions:
-                results[head.head]["captions"] = np.array(list(head.captions), dtype=object)
-        return results
+        return outputs_by_head(self.stub.Score(score_request(images, heads), timeout=timeout).heads)
 
     def embed_text(self, texts: list[str], timeout: float = 60) -> np.ndarray:
         response = self.stub.EmbedText(scorer_pb2.EmbedTextRequest(texts=texts), timeout=timeout)

@@ -16,7 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from latentedit import attributes, wire
 from latentedit.api.v1 import generator_pb2, trainer_pb2, types_pb2
 from latentedit.artifacts import CORRELATION_KIND, load_boundary, write_boundary, write_mapping, write_report
-from latentedit.client import GeneratorClient, ScorerClient, dependency
+from latentedit.client import GeneratorClient, ScorerClient, dependency, synthesize_request
 from latentedit.conditions import ConditionSpec
 from latentedit.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from latentedit.methods import interfacegan as ifg
@@ -54,11 +54,8 @@ class Dependencies:
         return wire.from_tensor(response.latents.values, field="latents"), response.model
 
     def images(self, ref: types_pb2.ModelRef, latents: np.ndarray) -> np.ndarray:
-        request = generator_pb2.SynthesizeRequest(
-            model=ref, latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(latents))
-        )
         with dependency("generator", self.generator_address):
-            return wire.decode_images(self.generator.stub.Synthesize(request, timeout=300).images)
+            return wire.decode_images(self.generator.stub.Synthesize(synthesize_request(ref, latents), timeout=300).images)
 
     def score(self, images: np.ndarray, heads: list[str]) -> dict[str, dict[str, np.ndarray]]:
         with dependency("scorer", self.scorer_address):
