@@ -2,17 +2,54 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import platform
 import re
+import socket
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+ROOT = RESULTS.parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(names: list[str], repository: str, sections: dict[str, Any] | None = None) -> Iterator[dict[str, str]]:
+    """Run `latentedit serve NAMES` on free ports as a separate process; yields {name: address}
+    once every service reports SERVING, and stops them afterwards. `sections` adds config
+    sections (e.g. {"generator": {"device": "cuda"}})."""
+    from latentedit.client import connect, wait_serving
+
+    ports = {name: free_port() for name in names}
+    config = Path(tempfile.mkdtemp()) / "bench.yaml"
+    config.write_text(yaml.safe_dump({"repository": repository, "services": {n: {"port": p} for n, p in ports.items()},
+                                      **(sections or {})}))
+    process = subprocess.Popen([sys.executable, "-m", "latentedit", "--config", str(config), "serve", *names], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        addresses = {name: f"localhost:{port}" for name, port in ports.items()}
+        for name, address in addresses.items():
+            wait_serving(connect(address), timeout_s=300, what=name)
+        yield addresses
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def rate(fn: Callable[[], int], min_seconds: float, min_calls: int = 3) -> float:

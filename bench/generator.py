@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import rate, record  # noqa: E402
+from bench.common import rate, record, served  # noqa: E402
 from generator_svc.backends import BACKEND_NAMES  # noqa: E402
 from generator_svc.pool import GeneratorPool  # noqa: E402
 from latentedit import wire  # noqa: E402
-from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2  # noqa: E402
-from latentedit.client import connect, wait_serving  # noqa: E402
+from latentedit.api.v1 import generator_pb2_grpc, types_pb2  # noqa: E402
+from latentedit.client import connect, synthesize_request  # noqa: E402
 from latentedit.config import GeneratorConfig, load_config  # noqa: E402
 from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER  # noqa: E402
 from latentedit.repository import ModelRepository  # noqa: E402
@@ -39,50 +35,20 @@ from latentedit.repository import ModelRepository  # noqa: E402
 ENCODINGS = {"raw": types_pb2.IMAGE_ENCODING_RAW_UINT8, "png": types_pb2.IMAGE_ENCODING_PNG}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def start_server(repository: str, device: str, fp16: bool) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    config = {
-        "repository": repository,
-        "services": {"generator": {"port": port}},
-        "generator": {"device": device, "cuda_fp16": fp16, "max_queue_rows": 100000},
-    }
-    path = Path(tempfile.mkdtemp()) / "bench.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "latentedit", "--config", str(path), "serve", "generator"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    address = f"localhost:{port}"
-    wait_serving(connect(address), timeout_s=180, what="generator")
-    return process, address, path
-
-
 def measure(args: argparse.Namespace, device: str, fp16: bool, backends: list[int]) -> list[tuple]:
     repository = load_config(ROOT / "config" / "local.yaml").repository
     pool = GeneratorPool(ModelRepository(repository), GeneratorConfig(device=device, cuda_fp16=fp16))
     loaded = pool.get("")
-    process, address, _ = start_server(repository, device, fp16)
-    stub = generator_pb2_grpc.GeneratorServiceStub(connect(address))
     rows = []
-    try:
+    sections = {"generator": {"device": device, "cuda_fp16": fp16, "max_queue_rows": 100000}}
+    with served(["generator"], repository, sections) as addresses:
+        stub = generator_pb2_grpc.GeneratorServiceStub(connect(addresses["generator"]))
         for kind in backends:
             backend = loaded.backends[kind]
             for enc_name, encoding in ENCODINGS.items():
                 for batch in args.batches:
                     z = np.random.default_rng(batch).standard_normal((batch, 100)).astype(np.float32)
-                    request = generator_pb2.SynthesizeRequest(
-                        latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(z)),
-                        image_encoding=encoding,
-                        backend=kind,
-                    )
+                    request = synthesize_request(types_pb2.ModelRef(), z, encoding, kind)
 
                     def in_process() -> int:
                         floats = backend.run(z, INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER]
@@ -101,10 +67,7 @@ def measure(args: argparse.Namespace, device: str, fp16: bool, backends: list[in
                     print(f"{label:28s} {enc_name:4s} batch {batch:4d}: in-process {local:9.1f} img/s, "
                           f"gRPC {remote:9.1f} img/s, ratio {remote / local:.2f}", flush=True)
         rows_concurrent = concurrent_callers(stub, args.seconds)
-    finally:
-        process.terminate()
-        process.wait(30)
-        pool.close()
+    pool.close()
     return rows, rows_concurrent
 
 
@@ -114,10 +77,7 @@ def concurrent_callers(stub, seconds: float) -> list[tuple[int, float]]:
     import time
 
     z = np.random.default_rng(0).standard_normal((1, 100)).astype(np.float32)
-    request = generator_pb2.SynthesizeRequest(
-        latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(z)),
-        backend=types_pb2.BACKEND_ONNXRUNTIME,
-    )
+    request = synthesize_request(types_pb2.ModelRef(), z, backend=types_pb2.BACKEND_ONNXRUNTIME)
     results = []
     for callers in (1, 4, 16):
         counts = [0] * callers

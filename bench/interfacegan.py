@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import record  # noqa: E402
-from bench.generator import free_port  # noqa: E402
+from bench.common import record, served  # noqa: E402
 from latentedit import wire  # noqa: E402
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, trainer_pb2, trainer_pb2_grpc, types_pb2  # noqa: E402
-from latentedit.client import connect, wait_serving  # noqa: E402
+from latentedit.client import connect  # noqa: E402
 from latentedit.config import load_config  # noqa: E402
 from latentedit.repository import ModelRepository  # noqa: E402
 
@@ -72,17 +68,10 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     base = load_config(ROOT / "config" / "local.yaml")
-    ports = {name: free_port() for name in ("generator", "scorer", "trainer", "editor")}
-    config = Path(tempfile.mkdtemp()) / "bench.yaml"
-    config.write_text(yaml.safe_dump({"repository": base.repository, "services": {n: {"port": p} for n, p in ports.items()}}))
-    server = subprocess.Popen([sys.executable, "-m", "latentedit", "--config", str(config), "serve"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     sections = []
-    try:
-        for name, port in ports.items():
-            wait_serving(connect(f"localhost:{port}"), timeout_s=300, what=name)
-        trainer = trainer_pb2_grpc.TrainerServiceStub(connect(f"localhost:{ports['trainer']}"))
-        editor = editor_pb2_grpc.EditorServiceStub(connect(f"localhost:{ports['editor']}"))
+    with served(["generator", "scorer", "trainer", "editor"], base.repository) as addresses:
+        trainer = trainer_pb2_grpc.TrainerServiceStub(connect(addresses["trainer"]))
+        editor = editor_pb2_grpc.EditorServiceStub(connect(addresses["editor"]))
         stamp = str(int(time.time()))
 
         # Table 1 --------------------------------------------------------------------------------
@@ -166,9 +155,6 @@ def main() -> None:
 
         # Latency ----------------------------------------------------------------------------------
         sections.append("### Edit latency: 16 frames of 4 seeds, scored with pose\n\n" + latency(editor, names["yaw"], base))
-    finally:
-        server.terminate()
-        server.wait(60)
     if not args.no_record:
         record("InterFaceGAN", " ".join(["python bench/interfacegan.py", *sys.argv[1:]]), "\n\n".join(sections))
         print("recorded in bench/RESULTS.md")

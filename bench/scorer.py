@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import rate, record  # noqa: E402
-from bench.generator import free_port  # noqa: E402
+from bench.common import rate, record, served  # noqa: E402
 from latentedit import wire  # noqa: E402
-from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc, types_pb2  # noqa: E402
-from latentedit.client import connect, wait_serving  # noqa: E402
+from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc  # noqa: E402
+from latentedit.client import connect, score_request  # noqa: E402
 from latentedit.config import load_config  # noqa: E402
 from latentedit.models.generator import sample_latents  # noqa: E402
 from latentedit.models.registry import load_generator  # noqa: E402
@@ -51,21 +47,13 @@ def main() -> None:
 
     scorer = Scorer(repo)
     heads = scorer.refresh()
-    port = free_port()
-    config = Path(tempfile.mkdtemp()) / "bench.yaml"
-    config.write_text(yaml.safe_dump({"repository": repository, "services": {"scorer": {"port": port}}}))
-    server = subprocess.Popen([sys.executable, "-m", "latentedit", "--config", str(config), "serve", "scorer"], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
-    try:
-        channel = connect(f"localhost:{port}")
-        wait_serving(channel, timeout_s=300, what="scorer")
-        stub = scorer_pb2_grpc.ScorerServiceStub(channel)
-        batch = wire.encode_images(images, types_pb2.IMAGE_ENCODING_RAW_UINT8)
+    with served(["scorer"], repository) as addresses:
+        stub = scorer_pb2_grpc.ScorerServiceStub(connect(addresses["scorer"]))
         for head in [*heads, "all heads"]:
             chosen = heads if head == "all heads" else [head]
             local = rate(lambda: (scorer.score(images, chosen), len(images))[1], args.seconds, min_calls=1)
-            request = scorer_pb2.ScoreRequest(images=batch, heads=chosen)
+            request = score_request(images, chosen)
             remote = rate(lambda: (stub.Score(request, timeout=600), len(images))[1], args.seconds, min_calls=1)
             rows.append((head, local, remote))
             print(f"{head:12s} in-process {local:8.1f} img/s   gRPC {remote:8.1f} img/s   ratio {remote / local:.2f}", flush=True)
@@ -75,9 +63,6 @@ def main() -> None:
         remote = rate(lambda: (stub.EmbedText(embed_request, timeout=60), 64)[1], args.seconds)
         rows.append(("EmbedText (sentences/s)", local, remote))
         print(f"EmbedText    in-process {local:8.1f} /s      gRPC {remote:8.1f} /s      ratio {remote / local:.2f}")
-    finally:
-        server.terminate()
-        server.wait(30)
     table = [f"Batch of {args.batch} 64 px faces per call; raw uint8 over gRPC.", "",
              "| head | in-process img/s | gRPC img/s | gRPC / in-process |", "|---|---|---|---|"]
     table += [f"| {h} | {l:.1f} | {r:.1f} | {r / l:.2f} |" for h, l, r in rows]
