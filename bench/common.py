@@ -34,7 +34,7 @@ def served(names: list[str], repository: str, sections: dict[str, Any] | None = 
     """Run `latentedit serve NAMES` on free ports as a separate process; yields {name: address}
     once every service reports SERVING, and stops them afterwards. `sections` adds config
     sections (e.g. {"generator": {"device": "cuda"}})."""
-    from latentedit.client import connect, wait_serving
+    from latentedit.rpc.client import connect, wait_serving
 
     ports = {name: free_port() for name in names}
     config = Path(tempfile.mkdtemp()) / "bench.yaml"

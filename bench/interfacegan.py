@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import record, served  # noqa: E402
 from latentedit import wire  # noqa: E402
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, trainer_pb2, trainer_pb2_grpc, types_pb2  # noqa: E402
-from latentedit.client import connect  # noqa: E402
+from latentedit.rpc.client import connect  # noqa: E402
 from latentedit.config import load_config  # noqa: E402
 from latentedit.repository import ModelRepository  # noqa: E402
 
@@ -162,30 +162,23 @@ def main() -> None:
 
 def latency(editor, boundary_name: str, base) -> str:
     """First frame and total time through the editor vs the same loop in this process."""
-    import torch
+    from latentedit.methods.base import FrameRequest
+    from latentedit.methods.interfacegan import InterFaceGAN
+    from latentedit.world import LocalWorld
 
-    from generator_svc.pool import GeneratorPool
-    from latentedit.artifacts import load_boundary
-    from latentedit.methods import interfacegan as ifg
-    from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER, sample_latents
-    from latentedit.scoring import Scorer
-
-    repo = ModelRepository(base.repository)
-    pool = GeneratorPool(repo, base.generator)
-    loaded = pool.get("")
-    scorer = Scorer(repo)
-    scorer.refresh()
-    boundary, _ = load_boundary(repo, boundary_name)
-    torch.set_num_threads(torch.get_num_threads())
+    # In-process: the same method's edit on a LocalWorld (torch generator and scorer in this process).
+    world = LocalWorld(ModelRepository(base.repository), base.generator.default_model)
+    method = InterFaceGAN()
+    generator = world.generator()
+    options = method.edit_options(editor_pb2.InterFaceGANEdit(boundary=boundary_name, start_distance=-3, end_distance=3), 16, base.editor)
+    artifact = method.prepare(world.repo, generator, options)
 
     def in_process() -> tuple[float, float]:
         start = time.perf_counter()
-        z = sample_latents(loaded.spec.latent_spaces[0], 4, 5)
         first = None
-        for latents in ifg.trajectory(z, boundary.normal, np.linspace(-3, 3, 16)):
-            images = wire.float_to_uint8_images(loaded.backends[loaded.default_backend].run(latents, INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER])
-            scorer.score(images, ["pose"])
-            wire.encode_images(images, types_pb2.IMAGE_ENCODING_RAW_UINT8)
+        for frame in method.edit(world, generator, artifact, world.sample(generator, 4, 5, artifact.space), options,
+                                 FrameRequest(("pose",))):
+            wire.encode_images(frame.images, types_pb2.IMAGE_ENCODING_RAW_UINT8)
             first = first or time.perf_counter() - start
         return first, time.perf_counter() - start
 
@@ -202,7 +195,6 @@ def latency(editor, boundary_name: str, base) -> str:
     for _ in range(5):
         runs["in-process"].append(in_process())
         runs["through the services"].append(through_services())
-    pool.close()
     med = {k: np.median(np.array(v), axis=0) for k, v in runs.items()}
     rows = ["| path | first frame (ms) | 16 frames (ms) |", "|---|---|---|"]
     rows += [f"| {k} | {v[0] * 1000:.0f} | {v[1] * 1000:.0f} |" for k, v in med.items()]

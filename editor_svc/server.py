@@ -4,20 +4,17 @@ from __future__ import annotations
 
 from editor_svc.service import EditorServicer
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc
-from latentedit.client import connect
+from latentedit.rpc.remote_world import Services
 from latentedit.config import Config
 from latentedit.repository import ModelRepository
-from latentedit.serving import ServiceHost
+from latentedit.rpc.serving import ServiceHost
 
 SERVICE_NAME = editor_pb2.DESCRIPTOR.services_by_name["EditorService"].full_name
 
 
 def build(config: Config) -> tuple[ServiceHost, EditorServicer]:
-    generator_address, scorer_address = config.address("generator"), config.address("scorer")
-    servicer = EditorServicer(
-        ModelRepository(config.repository), config.editor,
-        connect(generator_address), generator_address, connect(scorer_address), scorer_address,
-    )
+    services = Services(config.address("generator"), config.address("scorer"))
+    servicer = EditorServicer(ModelRepository(config.repository), config.editor, services)
     host = ServiceHost(config.services["editor"])
     host.add(editor_pb2_grpc.add_EditorServiceServicer_to_server, servicer, SERVICE_NAME)
     host.start()

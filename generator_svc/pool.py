@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from generator_svc.backends import (
     BACKEND_NAMES,
@@ -29,10 +30,11 @@ from latentedit.api.v1 import types_pb2
 from latentedit.batching import DynamicBatcher
 from latentedit.config import GeneratorConfig
 from latentedit.errors import FailedPrecondition, InvalidArgument
+from latentedit.latents import Latents, LatentSpaceSpec
 from latentedit.models.generator import StagedGenerator
 from latentedit.models.registry import load_generator
 from latentedit.repository import Entry, ModelRepository
-from latentedit.serving import PeriodicTask
+from latentedit.rpc.serving import PeriodicTask
 
 log = logging.getLogger(__name__)
 GENERATOR_KIND = "generator"
@@ -42,6 +44,7 @@ GENERATOR_KIND = "generator"
 class LoadedGenerator:
     entry: Entry
     model: StagedGenerator
+    cpu_model: StagedGenerator  # the CPU copy for the mapping network (the torch backend may move `model`)
     backends: dict[int, GeneratorBackend]
     default_backend: int
     config: GeneratorConfig
@@ -51,6 +54,17 @@ class LoadedGenerator:
     @property
     def spec(self):
         return self.model.spec
+
+    def sample(self, space: LatentSpaceSpec, count: int, seed: int) -> np.ndarray:
+        """Seeded latents of `space` (W and W+ through the mapping network, on the CPU copy)."""
+        return self.cpu_model.sample(space, count, seed)
+
+    def to_input(self, latents: Latents) -> np.ndarray:
+        """Latents of any space -> input-layer features (mapping Z, broadcasting W), float32."""
+        if latents.space == self.spec.latent_spaces[0] and latents.space.shape == self.spec.layers[0].shape:
+            return latents.values
+        with torch.inference_mode():
+            return self.cpu_model.latents_to_input(torch.from_numpy(latents.values), latents.space.space).numpy()
 
     def backend_order(self) -> list[int]:
         return [self.default_backend, *sorted(k for k in self.backends if k != self.default_backend)]
@@ -140,6 +154,7 @@ class GeneratorPool:
     def _load(self, entry: Entry) -> LoadedGenerator:
         log.info("loading generator %s v%d on %s", entry.name, entry.version, self.device)
         model = load_generator(entry)
+        cpu_model = load_generator(entry) if self.device != "cpu" else model
         backends: dict[int, GeneratorBackend] = {}
         weights_sha = entry.manifest.get("sha256", {}).get("weights", f"{entry.name}-{entry.version}")
         onnx_path = None
@@ -157,7 +172,7 @@ class GeneratorPool:
                 log.warning("%s v%d: TensorRT backend unavailable: %s", entry.name, entry.version, exc)
         backends[types_pb2.BACKEND_TORCH] = TorchBackend(model, self.device, fp16=self.config.cuda_fp16)
         default = self._default_backend(backends)
-        loaded = LoadedGenerator(entry, model, backends, default, self.config)
+        loaded = LoadedGenerator(entry, model, cpu_model, backends, default, self.config)
         loaded.warm_up()
         log.info(
             "generator %s v%d ready; backends: %s (default %s)",

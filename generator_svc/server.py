@@ -11,7 +11,7 @@ from generator_svc.service import GeneratorServicer
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc
 from latentedit.config import Config
 from latentedit.repository import ModelRepository
-from latentedit.serving import ServiceHost
+from latentedit.rpc.serving import ServiceHost
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name

@@ -16,13 +16,12 @@ from generator_svc.pool import GeneratorPool, LoadedGenerator
 from latentedit import wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2
 from latentedit.errors import InvalidArgument, ResourceExhausted
-from latentedit.models.generator import IMAGE_LAYER, LatentSpaceSpec, sample_latents
-from latentedit.serving import deadline_seconds
+from latentedit.latents import Latents, LatentSpaceSpec
+from latentedit.models.generator import IMAGE_LAYER
+from latentedit.rpc.serving import deadline_seconds
 
 log = logging.getLogger(__name__)
 
-SPACE_CODES = {"z": types_pb2.LATENT_SPACE_Z, "w": types_pb2.LATENT_SPACE_W, "w+": types_pb2.LATENT_SPACE_W_PLUS}
-FLOAT_DTYPES = [types_pb2.DATA_TYPE_FP32, types_pb2.DATA_TYPE_FP16, types_pb2.DATA_TYPE_FP64]
 # Requests a single SynthesizeStream may have in flight before the server stops reading.
 STREAM_WINDOW = 8
 
@@ -34,7 +33,7 @@ def model_info(loaded: LoadedGenerator, versions: list[int]) -> generator_pb2.Mo
         kind="generator",
         architecture=spec.architecture,
         latent_spaces=[
-            generator_pb2.LatentSpaceInfo(space=SPACE_CODES[s.space], dim=s.dim, num_ws=s.num_ws, prior=s.prior)
+            generator_pb2.LatentSpaceInfo(space=wire.space_code(s.space), dim=s.dim, num_ws=s.num_ws, prior=s.prior)
             for s in spec.latent_spaces
         ],
         resolution=spec.resolution,
@@ -50,14 +49,12 @@ def model_info(loaded: LoadedGenerator, versions: list[int]) -> generator_pb2.Mo
 
 def _space(loaded: LoadedGenerator, code: int) -> LatentSpaceSpec:
     spaces = loaded.spec.latent_spaces
-    if code == types_pb2.LATENT_SPACE_UNSPECIFIED:
-        return spaces[0]
+    name = wire.space_name(code)
     for space in spaces:
-        if SPACE_CODES[space.space] == code:
+        if name is None or space.space == name:
             return space
-    allowed = ", ".join(types_pb2.LatentSpace.Name(SPACE_CODES[s.space]) for s in spaces)
-    name = types_pb2.LatentSpace.Name(code) if code in types_pb2.LatentSpace.values() else str(code)
-    raise InvalidArgument(f"{loaded.entry.name} has no latent space {name}; allowed: {allowed}")
+    allowed = ", ".join(types_pb2.LatentSpace.Name(wire.space_code(s.space)) for s in spaces)
+    raise InvalidArgument(f"{loaded.entry.name} has no latent space {types_pb2.LatentSpace.Name(code)}; allowed: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         models = []
         for name in self.pool.repo.names("generator"):
             models.append(model_info(self.pool.get(name), self.pool.repo.versions(name)))
-        return generator_pb2.ListModelsResponse(models=models)
+        return generator_pb2.ListModelsResponse(models=models, default_model=self.pool.config.default_model)
 
     def Sample(self, request, context):
         loaded = self._model(request.model)
@@ -88,11 +85,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         self._check_batch(request.count, loaded, "count")
         if request.truncation_psi not in (0.0, 1.0) and not loaded.spec.supports_truncation:
             raise InvalidArgument(f"{loaded.entry.name} does not support truncation; leave truncation_psi at 0 or 1")
-        latents = sample_latents(space, request.count, request.seed)
-        return generator_pb2.SampleResponse(
-            model=self._ref(loaded),
-            latents=types_pb2.Latents(space=SPACE_CODES[space.space], values=wire.to_tensor(latents)),
-        )
+        latents = Latents(space, loaded.sample(space, request.count, request.seed))
+        return generator_pb2.SampleResponse(model=self._ref(loaded), latents=wire.latents_to_proto(latents))
 
     def Synthesize(self, request, context):
         return self._answer(request, context)
@@ -155,8 +149,8 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise InvalidArgument("input: set either latents or features")
         if which == "latents":
             space = _space(loaded, request.latents.space)
-            shape = [None, space.dim] if space.num_ws == 1 else [None, space.num_ws, space.dim]
-            x = wire.from_tensor(request.latents.values, field="latents.values", dtypes=FLOAT_DTYPES, shape=shape)
+            x = loaded.to_input(Latents(space, wire.from_tensor(request.latents.values, field="latents.values",
+                                                                dtypes=wire.FLOAT_DTYPES, shape=[None, *space.shape])))
             from_layer = spec.layers[0].name
         else:
             from_layer = request.features.layer
@@ -166,7 +160,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             x = wire.from_tensor(
                 request.features.values,
                 field="features.values",
-                dtypes=FLOAT_DTYPES,
+                dtypes=wire.FLOAT_DTYPES,
                 shape=[None, *spec.layers[index].shape],
             )
         self._check_batch(len(x), loaded, f"{which}.values")

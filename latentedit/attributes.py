@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latentedit.api.v1 import scorer_pb2, types_pb2
+from latentedit.api.v1 import types_pb2
 from latentedit.errors import InvalidArgument, NotFound
 
 
@@ -42,8 +42,8 @@ class Attribute:
         return (value if self.index is None else value[:, self.index]).astype(np.float64)
 
 
-def resolve(ref: types_pb2.AttributeRef, heads: list[scorer_pb2.HeadInfo], field: str = "attribute") -> Attribute:
-    """Check an AttributeRef against the scorer's schemas (ListHeads)."""
+def resolve(ref: types_pb2.AttributeRef, heads, field: str = "attribute") -> Attribute:
+    """Check an AttributeRef against the scorer's head schemas (`world.HeadInfo`: name and outputs)."""
     by_name = {h.name: h for h in heads}
     if ref.head not in by_name:
         raise NotFound(f"{field}.head {ref.head!r} is unknown; heads: {', '.join(sorted(by_name))}")

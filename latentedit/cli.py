@@ -18,7 +18,7 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from latentedit.launch import serve_all, serve_one
+    from latentedit.rpc.launch import serve_all, serve_one
 
     names = args.services or list(SERVICE_NAMES)
     unknown = [n for n in names if n not in SERVICE_NAMES]
@@ -53,7 +53,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    from latentedit.client import connect, wait_serving
+    from latentedit.rpc.client import connect, wait_serving
 
     config = _config(args)
     for name in args.services or SERVICE_NAMES:
@@ -73,21 +73,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise SystemExit("error: --count must be at least 1")
     if args.in_process:
-        from generator_svc.pool import GeneratorPool
-        from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER, sample_latents
         from latentedit.repository import ModelRepository
+        from latentedit.world import LocalWorld
 
         config = _config(args)
-        pool = GeneratorPool(ModelRepository(config.repository), config.generator)
-        loaded = pool.get(args.model)
-        latents = sample_latents(loaded.spec.latent_spaces[0], args.count, args.seed)
-        backend = loaded.backends[loaded.default_backend]
-        floats = backend.run(latents, INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER]
-        images = wire.float_to_uint8_images(floats)
-        where = f"in-process ({backend.name})"
-        pool.close()
+        world = LocalWorld(ModelRepository(config.repository), config.generator.default_model)
+        generator = world.generator(args.model)
+        images = world.synthesize(generator, world.sample(generator, args.count, args.seed))
+        where = "in-process (torch)"
     else:
-        from latentedit.client import GeneratorClient, connect, wait_serving
+        from latentedit.rpc.client import GeneratorClient, connect, wait_serving
 
         address = args.target or _config(args).address("generator")
         channel = connect(address)
@@ -117,6 +112,58 @@ def _attribute_ref(text: str):
     return types_pb2.AttributeRef(head=parts[0], output=parts[1], label=parts[2] if len(parts) == 3 else "")
 
 
+def _params(items: list[str], message) -> None:
+    """--param key=value (dotted keys for nested fields, e.g. rows.start=2) -> fields of `message`."""
+    import json
+
+    from google.protobuf import json_format
+
+    tree: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --param {item!r} must look like name=value")
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value  # a plain string
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = parsed
+    try:
+        json_format.ParseDict(tree, message)
+    except json_format.ParseError as exc:
+        fields = ", ".join(f.name for f in message.DESCRIPTOR.fields)
+        raise SystemExit(f"error: --param: {exc}; fields of {message.DESCRIPTOR.name}: {fields}") from None
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from latentedit.methods.registry import METHODS, PLANNED
+
+    for method in METHODS.values():
+        jobs = ", ".join(method.jobs) or "none"
+        print(f"{method.name:14s} {method.title:32s} edits with: {method.artifact_kind:16s} trained by jobs: {jobs}")
+    for name, what in PLANNED.items():
+        print(f"{name:14s} {what} (not available yet)")
+    return 0
+
+
+def cmd_train_generic(args: argparse.Namespace) -> int:
+    """Any job kind of the registry: its spec message filled from --param."""
+    from latentedit.api.v1 import trainer_pb2, types_pb2
+
+    request = trainer_pb2.StartJobRequest(idempotency_key=args.key, display_name=f"{args.kind} {args.name}")
+    spec = getattr(request, args.kind)
+    _params(args.param, spec)
+    spec.generator.CopyFrom(types_pb2.ModelRef(name=args.model))
+    spec.options.seed, spec.options.artifact_name = args.seed, args.name
+    stub = _trainer(args)
+    job = stub.StartJob(request, timeout=120)
+    return _watch(stub, job, f"training {args.kind} {args.name or '(auto name)'}")
+
+
 def _watch(stub, job, what: str) -> int:
     from latentedit.api.v1 import trainer_pb2
 
@@ -137,7 +184,7 @@ def _watch(stub, job, what: str) -> int:
 
 def _trainer(args):
     from latentedit.api.v1 import trainer_pb2_grpc
-    from latentedit.client import connect, wait_serving
+    from latentedit.rpc.client import connect, wait_serving
 
     address = args.target or _config(args).address("trainer")
     channel = connect(address)
@@ -195,7 +242,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from latentedit import wire
     from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, types_pb2
-    from latentedit.client import connect, wait_serving
+    from latentedit.rpc.client import connect, wait_serving
     from latentedit.render import write_edit
 
     config = _config(args)
@@ -208,13 +255,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
         num_frames=args.frames,
         score_heads=args.score,
     )
-    if args.method == "interfacegan":
+    if args.method == "interfacegan" and not args.param:
         if not args.boundary:
             raise SystemExit("error: --boundary is required with --method interfacegan")
         request.interfacegan.CopyFrom(editor_pb2.InterFaceGANEdit(
             boundary=args.boundary, condition_boundaries=args.condition, start_distance=args.start, end_distance=args.end))
-    else:
+    elif args.method == "sgf" and not args.param:
         request.sgf.CopyFrom(_sgf_request(args, config))
+    else:
+        # Any method: its EditRequest message filled from --param name=value.
+        _params(args.param, getattr(request, args.method))
     frames, labels = [], []
     for frame in editor_pb2_grpc.EditorServiceStub(channel).Edit(request, timeout=600):
         images = wire.decode_images(frame.images)
@@ -238,21 +288,18 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_mds(args: argparse.Namespace) -> int:
-    from latentedit.evaluation import DEFAULT_ATTRIBUTES, World, plot_curves, run_mds
-    from latentedit.models.registry import load_generator
+    from latentedit.evaluation import DEFAULT_ATTRIBUTES, plot_curves, run_mds
     from latentedit.repository import ModelRepository
-    from latentedit.scoring import Scorer
+    from latentedit.world import LocalWorld
 
     config = _config(args)
     repo = ModelRepository(config.repository)
     unknown = [t for t in args.attributes if t not in DEFAULT_ATTRIBUTES]
     if unknown:
         raise SystemExit(f"error: unknown attribute(s) {unknown}; known: {', '.join(DEFAULT_ATTRIBUTES)}")
-    scorer = Scorer(repo)
-    scorer.refresh()
-    world = World(load_generator(repo.resolve(args.model or config.generator.default_model, kind="generator")), scorer, DEFAULT_ATTRIBUTES,
-                  log=lambda m: print(m, flush=True))
-    results, thresholds = run_mds(world, args.attributes, num_train=args.train, num_test=args.samples, sgf_steps=args.sgf_steps)
+    world = LocalWorld(repo, config.generator.default_model)
+    results, thresholds = run_mds(world, world.generator(args.model), DEFAULT_ATTRIBUTES, args.attributes, num_train=args.train,
+                                  num_test=args.samples, sgf_steps=args.sgf_steps, log=lambda m: print(m, flush=True))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_curves(results, out.with_suffix(".png"))
@@ -293,7 +340,7 @@ def _sgf_request(args: argparse.Namespace, config):
         request.caption.text = args.caption
     else:
         # Target keypoints: those of another sample, measured through the services.
-        from latentedit.client import GeneratorClient, ScorerClient, connect
+        from latentedit.rpc.client import GeneratorClient, ScorerClient, connect
 
         generator = GeneratorClient(connect(config.address("generator")), args.model)
         images = generator.synthesize(generator.sample(1, args.keypoints_from_seed))
@@ -303,6 +350,15 @@ def _sgf_request(args: argparse.Namespace, config):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import dataclasses
+
+    from latentedit.methods.interfacegan import InterFaceGANOptions
+    from latentedit.methods.registry import METHODS
+    from latentedit.methods.sgf import MappingSpec, SGFOptions
+
+    # The CLI shows the methods' own defaults; unset values travel as 0 and the service fills them in.
+    ifg_defaults, sgf_defaults = InterFaceGANOptions(""), SGFOptions("", ())
+    mapping_defaults = {f.name: f.default for f in dataclasses.fields(MappingSpec)}
     parser = argparse.ArgumentParser(prog="latentedit", description="Latent-space image editing services.")
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -355,10 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--condition", choices=["attributes", "keypoints", "caption"], required=True)
     mapping.add_argument("--attribute", action="append", default=[], help="head.output[.label] (repeatable), for attributes")
     mapping.add_argument("--keypoints-head", default="keypoints5")
-    mapping.add_argument("--pairs", type=int, default=2000, help="(z, c) pairs (the paper: 200,000)")
-    mapping.add_argument("--depth", type=int, default=6)
-    mapping.add_argument("--hidden", type=int, default=256)
-    mapping.add_argument("--steps", type=int, default=3000, help="training steps")
+    mapping.add_argument("--pairs", type=int, default=0, help=f"(z, c) pairs (default {mapping_defaults['num_pairs']}; the paper: 200,000)")
+    mapping.add_argument("--depth", type=int, default=0, help=f"layers of F (default {mapping_defaults['depth']})")
+    mapping.add_argument("--hidden", type=int, default=0, help=f"width of F (default {mapping_defaults['hidden']})")
+    mapping.add_argument("--steps", type=int, default=0, help=f"training steps (default {mapping_defaults['steps']})")
     mapping.add_argument("--name", default="")
     mapping.add_argument("--model", default="")
     mapping.add_argument("--seed", type=int, default=0)
@@ -366,9 +422,23 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--target", default="", help="trainer address (default: from the config)")
     mapping.add_argument("--wait", type=float, default=180)
     mapping.set_defaults(func=cmd_train_mapping)
+    specific = {"boundary", "mapping"}
+    for kind in [k for m in METHODS.values() for k in m.jobs if k not in specific]:
+        generic = train_sub.add_parser(kind, help=f"a {kind} job; its spec fields from --param name=value")
+        generic.add_argument("--param", action="append", default=[], help="a field of the job spec, name=value (repeatable)")
+        generic.add_argument("--name", default="", help="artifact name (default: derived)")
+        generic.add_argument("--model", default="")
+        generic.add_argument("--seed", type=int, default=0)
+        generic.add_argument("--key", default="")
+        generic.add_argument("--target", default="", help="trainer address (default: from the config)")
+        generic.add_argument("--wait", type=float, default=180)
+        generic.set_defaults(func=cmd_train_generic, kind=kind)
 
     edit = sub.add_parser("edit", help="stream an edit and write a strip PNG and an animated GIF")
-    edit.add_argument("--method", choices=["interfacegan", "sgf"], default="interfacegan")
+    edit.add_argument("--method", choices=list(METHODS), default="interfacegan",
+                      help="edit method (see `latentedit methods`)")
+    edit.add_argument("--param", action="append", default=[],
+                      help="a field of the method's request message, name=value (repeatable), e.g. --param directions=pca")
     edit.add_argument("--boundary", default="", help="InterFaceGAN boundary")
     edit.add_argument("--mapping", default="", help="SGF mapping")
     edit.add_argument("--set", dest="target_value", action="append", default=[],
@@ -376,13 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--keypoints-from-seed", type=int, default=None, help="SGF keypoint target: another sample's keypoints")
     edit.add_argument("--keypoints-head", default="keypoints5")
     edit.add_argument("--caption", default="", help="SGF caption target")
-    edit.add_argument("--steps", type=int, default=20, help="SGF step limit")
-    edit.add_argument("--step-size", type=float, default=0.2)
-    edit.add_argument("--tolerance", type=float, default=0.1, help="SGF stop distance, in standardised condition units")
+    edit.add_argument("--steps", type=int, default=0, help=f"SGF step limit (default {sgf_defaults.max_steps})")
+    edit.add_argument("--step-size", type=float, default=0.0, help=f"SGF step size (default {sgf_defaults.step_size})")
+    edit.add_argument("--tolerance", type=float, default=0.0,
+                      help=f"SGF stop distance, in standardised condition units (default {sgf_defaults.tolerance})")
     edit.add_argument("--condition", action="append", default=[], help="boundary to hold fixed (repeatable)")
-    edit.add_argument("--start", type=float, default=-3.0)
-    edit.add_argument("--end", type=float, default=3.0)
-    edit.add_argument("--frames", type=int, default=8)
+    edit.add_argument("--start", type=float, default=ifg_defaults.start_distance)
+    edit.add_argument("--end", type=float, default=ifg_defaults.end_distance)
+    edit.add_argument("--frames", type=int, default=ifg_defaults.num_frames)
     edit.add_argument("--seed", type=int, default=0)
     edit.add_argument("--count", type=int, default=4, help="how many samples to edit")
     edit.add_argument("--score", action="append", default=[], help="scorer head to score every frame with (repeatable)")
@@ -391,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--target", default="", help="editor address (default: from the config)")
     edit.add_argument("--wait", type=float, default=180)
     edit.set_defaults(func=cmd_edit)
+    sub.add_parser("methods", help="list the edit methods and the jobs that train them").set_defaults(func=cmd_methods)
     evaluate = sub.add_parser("eval", help="evaluate edit methods")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     mds = eval_sub.add_parser("mds", help="Manipulation Disentanglement Score of every method (SGF paper 4.4.1)")

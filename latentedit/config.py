@@ -14,9 +14,18 @@ from typing import Any
 
 import yaml
 
-from latentedit.serving import ServingOptions
 
 SERVICE_NAMES = ("generator", "scorer", "trainer", "editor")
+@dataclass
+class ServingOptions:
+    host: str = "[::]"
+    port: int = 0
+    max_workers: int = 16
+    max_concurrent_rpcs: int = 64
+    max_message_bytes: int = 64 * 1024 * 1024
+    grace_period_s: float = 10.0
+
+
 DEFAULT_PORTS = {"generator": 50051, "scorer": 50052, "trainer": 50053, "editor": 50054}
 
 
@@ -56,6 +65,8 @@ class ScorerConfig:
 @dataclass
 class TrainerConfig:
     workers: int = 1  # jobs run at once; the heavy work happens in the generator and scorer
+    # Longest one downstream call of a job may take (jobs have no caller deadline).
+    call_timeout_s: float = 300.0
 
 
 @dataclass
@@ -64,6 +75,8 @@ class EditorConfig:
     max_batch: int = 256  # latents (seeds) per edit, images per inversion
     max_invert_steps: int = 5000
     default_generator: str = "dcgan-faces"  # for Invert, which runs on the weights here
+    # Longest one downstream call may take; the caller's remaining deadline, when shorter, wins.
+    call_timeout_s: float = 300.0
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Typed errors of the core library, each tied to the gRPC status it becomes at the edge.
 
 The core raises these (no gRPC imports here beyond the status-code enum); the serving layer
-maps them to statuses in one place (`latentedit.serving.ErrorMappingInterceptor`).
+maps them to statuses in one place (`latentedit.rpc.serving.ErrorMappingInterceptor`).
 """
 
 from __future__ import annotations

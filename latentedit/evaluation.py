@@ -11,26 +11,27 @@ The (accuracy, disentanglement) points form the curve, starting at (0, 1) for no
 MDS is its area, with no credit beyond the largest accuracy a method reaches.
 
 Methods: InterFaceGAN, InterFaceGAN conditioned on all the other attributes, a GANSpace-style
-PCA direction (PCA of generator features at a layer, lifted to z by regression, as GANSpace
-does for generators without a style space), and SGF with the other attributes held.
-Everything runs in this process on the repository's models (same code the services run).
+PCA direction (`methods.ganspace`), and SGF with the other attributes held. Each is fitted
+with its method module's own recipe on one shared scored sample, and every edit runs the
+method's served `edit` on a `LocalWorld`: what is measured here is what the editor serves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from latentedit.attributes import Attribute
 from latentedit.conditions import ConditionSpec
+from latentedit.errors import InvalidArgument
+from latentedit.latents import Latents
 from latentedit.methods import interfacegan as ifg
-from latentedit.methods.sgf import AuxiliaryMapping, sgf_edit, train_mapping
-from latentedit.models.generator import INPUT_LAYER, StagedGenerator, sample_latents
-from latentedit.scoring import Scorer
-from latentedit.wire import float_to_uint8_images
+from latentedit.methods.base import FrameRequest, JobBasics, QuietProgress
+from latentedit.methods.ganspace import GANSpace, GANSpaceOptions, PCADirections, pca_directions
+from latentedit.methods.sgf import SGF, AttributeGoal, MappingSpec, PreparedMapping, SGFOptions, fit_mapping
+from latentedit.world import GeneratorInfo, LocalWorld
 
 DEFAULT_ATTRIBUTES = {
     "smile": Attribute("expression", "probabilities", 3, "happy"),
@@ -41,6 +42,8 @@ DEFAULT_ATTRIBUTES = {
     "age": Attribute("age_gender", "age", None),
 }
 METHODS = ("InterFaceGAN", "InterFaceGAN conditional", "GANSpace PCA", "SGF")
+# SGF's step limit in this evaluation (the served default is 20): enough to reach every strength here.
+SGF_EVAL_STEPS = 10
 
 
 @dataclass
@@ -49,33 +52,6 @@ class MDSResult:
     method: str
     points: list[tuple[float, float]]  # (accuracy, disentanglement) by strength
     mds: float
-
-
-@dataclass
-class World:
-    generator: StagedGenerator
-    scorer: Scorer
-    attributes: dict[str, Attribute]
-    log: Callable[[str], None] = print
-    batch: int = 200
-    _heads: list[str] = field(default_factory=list)
-
-    def images(self, z: np.ndarray) -> np.ndarray:
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(z), self.batch):
-                out.append(float_to_uint8_images(self.generator(torch.from_numpy(z[start : start + self.batch])).numpy()))
-        return np.concatenate(out)
-
-    def scores(self, z: np.ndarray) -> np.ndarray:
-        """[N, M] attribute scores of the images of z."""
-        heads = sorted({a.head for a in self.attributes.values()})
-        images = self.images(z)
-        rows = []
-        for start in range(0, len(images), self.batch):
-            outputs = {h: r.outputs for h, r in self.scorer.score(images[start : start + self.batch], heads).items()}
-            rows.append(np.stack([a.extract(outputs) for a in self.attributes.values()], axis=1))
-        return np.concatenate(rows).astype(np.float32)
 
 
 def area_under_curve(points: list[tuple[float, float]]) -> float:
@@ -87,98 +63,106 @@ def area_under_curve(points: list[tuple[float, float]]) -> float:
     return float(area)
 
 
-def ganspace_directions(world: World, z: np.ndarray, layer: str, components: int) -> np.ndarray:
-    """PCA of features at `layer`, each component lifted to a unit direction in z by least squares."""
-    with torch.no_grad():
-        feats = world.generator.run(torch.from_numpy(z), INPUT_LAYER, [layer])[layer].reshape(len(z), -1).numpy()
-    feats = feats - feats.mean(axis=0)
-    _, _, vt = np.linalg.svd(feats, full_matrices=False)
-    coefficients = feats @ vt[:components].T  # [N, K]
-    lift, *_ = np.linalg.lstsq(np.c_[z, np.ones(len(z))], coefficients, rcond=None)
-    directions = lift[:-1].T  # [K, dim]
-    return directions / np.linalg.norm(directions, axis=1, keepdims=True)
+def attribute_matrix(scores, attributes: dict[str, Attribute]) -> np.ndarray:
+    """Scores {head: {output: array}} -> [N, M] values of the named attributes."""
+    return np.stack([a.extract(scores) for a in attributes.values()], axis=1).astype(np.float32)
 
 
 def run_mds(
-    world: World,
+    world: LocalWorld,
+    generator: GeneratorInfo,
+    attributes: dict[str, Attribute],
     targets: list[str],
     num_train: int = 2000,
     num_test: int = 100,
     strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0),
     sgf_steps: int = 2000,
     seed: int = 0,
+    log: Callable[[str], None] = print,
 ) -> tuple[list[MDSResult], dict[str, float]]:
-    names = list(world.attributes)
-    space = world.generator.spec.latent_spaces[0]
-    z_train = sample_latents(space, num_train, seed)
-    world.log(f"scoring {num_train} training samples on {len(names)} attributes")
-    s_train = world.scores(z_train)
+    unknown = [t for t in targets if t not in attributes]
+    if unknown or not targets:
+        raise InvalidArgument(f"targets: unknown or none {unknown}; attributes: {', '.join(attributes)}")
+    if num_train < 100 or num_test < 1 or sgf_steps < 1:
+        raise InvalidArgument(f"num_train {num_train} must be >= 100, num_test {num_test} >= 1 and sgf_steps {sgf_steps} >= 1")
+    names = list(attributes)
+    heads = tuple(sorted({a.head for a in attributes.values()}))
+    frames = FrameRequest(heads, images=False)
+    z_train = world.sample(generator, num_train, seed)
+    log(f"scoring {num_train} training samples on {len(names)} attributes")
+    s_train = attribute_matrix(world.score(world.synthesize(generator, z_train), heads), attributes)
     medians = np.median(s_train, axis=0)
     thresholds = 0.5 * (np.quantile(s_train, 0.95, axis=0) - np.quantile(s_train, 0.05, axis=0))
 
-    world.log("fitting InterFaceGAN boundaries")
-    normals = {}
-    for i, name in enumerate(names):
-        keeper = ifg.ExtremeKeeper(max(10, num_train // 10))
-        keeper.add(s_train[:, i], z_train)
-        latents, labels, _ = keeper.dataset()
-        normals[name] = ifg.fit_boundary(latents, labels, seed=seed).boundary.normal
+    log("fitting InterFaceGAN boundaries")
+    boundaries = {name: ifg.boundary_from_scores(z_train.flat(), s_train[:, i], seed=seed).boundary for i, name in enumerate(names)}
 
-    world.log("GANSpace: PCA of block1 features")
-    components = ganspace_directions(world, z_train, world.generator.spec.layers[1].name, 10)
+    layer = generator.spec.layers[1].name
+    log(f"GANSpace: PCA of {layer} features")
+    components, _ = pca_directions(z_train.flat(), world.features(generator, z_train, [layer])[layer], 10)
     pca_for = {}
     for i, name in enumerate(names):
-        projections = z_train @ components.T
+        projections = z_train.flat() @ components.T
         correlation = [np.corrcoef(projections[:, k], s_train[:, i])[0, 1] for k in range(len(components))]
         best = int(np.nanargmax(np.abs(correlation)))
         pca_for[name] = components[best] * np.sign(correlation[best])
 
-    world.log(f"SGF: training F on {num_train} (z, c) pairs of all {len(names)} attributes")
-    condition = ConditionSpec("attributes", list(world.attributes.values()))
-    condition.fit(s_train)
-    mapping = AuxiliaryMapping(space.dim, len(names), depth=6, hidden=256)
-    torch.manual_seed(seed)
-    train_mapping(mapping, torch.from_numpy(z_train), torch.from_numpy(condition.standardise(s_train)), sgf_steps,
-                  batch_size=128, learning_rate=2e-3, seed=seed)
+    log(f"SGF: training F on {num_train} (z, c) pairs of all {len(names)} attributes")
+    spec = MappingSpec(JobBasics(generator, "mds", seed), ConditionSpec("attributes", list(attributes.values())),
+                       z_train.space.space, num_train, steps=sgf_steps)
+    mapping, _ = fit_mapping(z_train.flat(), s_train, spec, QuietProgress())
+    sgf_mapping = PreparedMapping(mapping, spec.condition, spec.space)
 
     results = []
     for target in targets:
         a = names.index(target)
-        z0 = sample_latents(space, num_test, seed + 1000 + a)
-        s0 = world.scores(z0)
-        sign = np.where(s0[:, a] > medians[a], -1.0, 1.0).astype(np.float32)  # push every sample across
+        z0 = world.sample(generator, num_test, seed + 1000 + a)
+        s0 = attribute_matrix(world.score(world.synthesize(generator, z0), heads), attributes)
+        up = s0[:, a] <= medians[a]  # push every sample across its median: up from below, down from above
         others = [i for i in range(len(names)) if i != a]
 
-        def evaluate(z1: np.ndarray) -> tuple[float, float]:
-            s1 = world.scores(z1)
-            crossed = np.where(sign > 0, s1[:, a] > medians[a], s1[:, a] <= medians[a])
+        def evaluate(s1: np.ndarray) -> tuple[float, float]:
+            crossed = np.where(up, s1[:, a] > medians[a], s1[:, a] <= medians[a])
             changed = (np.abs(s1[:, others] - s0[:, others]) > thresholds[others]).sum(axis=1)
             return float(crossed.mean()), float(np.mean(1 - changed / (len(names) - 1)))
 
-        directions = {
-            "InterFaceGAN": normals[target],
-            "InterFaceGAN conditional": ifg.conditioned_direction(normals[target], [normals[names[i]] for i in others]),
-            "GANSpace PCA": pca_for[target].astype(np.float32),
+        def linear_edit(edit_at: Callable[[Latents, float], object], strength: float) -> np.ndarray:
+            """[N, M] scores after moving each sample `strength` toward the other side (two groups, two signs)."""
+            s1 = np.empty_like(s0)
+            for group, sign in ((up, 1.0), (~up, -1.0)):
+                if group.any():
+                    (frame,) = list(edit_at(z0.take(group), sign * strength))
+                    s1[group] = attribute_matrix(frame.scores, attributes)
+            return s1
+
+        normal = boundaries[target]
+        conditioned = ifg.PreparedBoundaries(normal, tuple((names[i], boundaries[names[i]]) for i in others), z0.space.space)
+        plain = ifg.PreparedBoundaries(normal, (), z0.space.space)
+        pca = PCADirections(pca_for[target][None, :].astype(np.float32), np.ones(1, np.float32), z0.space.space)
+        editors = {
+            "InterFaceGAN": lambda start, d: ifg.InterFaceGAN().edit(
+                world, generator, plain, start, ifg.InterFaceGANOptions(target, (), d, d, 1), frames),
+            "InterFaceGAN conditional": lambda start, d: ifg.InterFaceGAN().edit(
+                world, generator, conditioned, start, ifg.InterFaceGANOptions(target, (), d, d, 1), frames),
+            "GANSpace PCA": lambda start, d: GANSpace().edit(
+                world, generator, pca, start, GANSpaceOptions(target, 0, d, d, 1), frames),
         }
-        for method, direction in directions.items():
-            points = [evaluate(z0 + (sign[:, None] * s) * direction[None, :]) for s in strengths]
+        for method, edit_at in editors.items():
+            points = [evaluate(linear_edit(edit_at, s)) for s in strengths]
             results.append(MDSResult(target, method, points, area_under_curve(points)))
-            world.log(f"{target:10s} {method:26s} MDS {results[-1].mds:.3f}  {[(round(x, 2), round(y, 2)) for x, y in points]}")
+            log(f"{target:10s} {method:26s} MDS {results[-1].mds:.3f}  {[(round(x, 2), round(y, 2)) for x, y in points]}")
         points = []
-        c0 = torch.from_numpy(condition.standardise(s0))
-        mask = torch.zeros(len(names))
-        mask[a] = 1.0
+        attribute = attributes[target]
+        std = spec.condition.std[a]
         for s in strengths:
             # Target: the attribute moved by s standard deviations, the others held at their values.
-            goal = c0.clone()
-            goal[:, a] = goal[:, a] + torch.from_numpy(sign) * s
-            measure = lambda z: torch.from_numpy(condition.standardise(world.scores(z.numpy())))  # noqa: E731
-            last = None
-            for step in sgf_edit(mapping, measure, torch.from_numpy(z0), goal, 0.2, 1, 10, 0.1, mask, c0):
-                last = step
-            points.append(evaluate(last.latents.numpy()))
+            goal = AttributeGoal(attribute.head, attribute.output, attribute.label, attribute.index or 0,
+                                 s0[:, a] + np.where(up, 1.0, -1.0) * s * std)
+            options = SGFOptions(target, (goal,), max_steps=SGF_EVAL_STEPS)
+            *_, last = SGF().edit(world, generator, sgf_mapping, z0, options, frames)
+            points.append(evaluate(attribute_matrix(last.scores, attributes)))
         results.append(MDSResult(target, "SGF", points, area_under_curve(points)))
-        world.log(f"{target:10s} {'SGF':26s} MDS {results[-1].mds:.3f}  {[(round(x, 2), round(y, 2)) for x, y in points]}")
+        log(f"{target:10s} {'SGF':26s} MDS {results[-1].mds:.3f}  {[(round(x, 2), round(y, 2)) for x, y in points]}")
     return results, {n: float(t) for n, t in zip(names, thresholds)}
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from latentedit.models.dcgan import DCGANGenerator
 from latentedit.repository import Entry, ModelRepository, file_sha256
-from latentedit.scoring import HEAD_KIND, MODEL_KIND, package_dir
+from latentedit.scoring.base import HEAD_KIND, MODEL_KIND, package_dir
 
 DEFAULT_GENERATOR = "dcgan-faces"
 Log = Callable[[str], None]

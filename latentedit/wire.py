@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from latentedit.api.v1 import types_pb2
+from latentedit.api.v1 import trainer_pb2, types_pb2
 from latentedit.errors import InvalidArgument
 
 DataType = types_pb2.DataType
@@ -159,3 +159,86 @@ def image_grid(images: np.ndarray, columns: int, padding: int = 2) -> np.ndarray
         top, left = padding + r * (height + padding), padding + c * (width + padding)
         grid[top : top + height, left : left + width] = img
     return grid
+
+
+# ---- latents, generator descriptions, scores -----------------------------------------------
+
+# The one mapping between the wire's LatentSpace enum and the core's space names.
+SPACE_CODES = {"z": types_pb2.LATENT_SPACE_Z, "w": types_pb2.LATENT_SPACE_W, "w+": types_pb2.LATENT_SPACE_W_PLUS}
+SPACES_BY_CODE = {code: name for name, code in SPACE_CODES.items()}
+FLOAT_DTYPES = [types_pb2.DATA_TYPE_FP32, types_pb2.DATA_TYPE_FP16, types_pb2.DATA_TYPE_FP64]
+# Repository artifact kinds and SGF condition kinds <-> their wire enums.
+ARTIFACT_KINDS = {
+    "boundary": trainer_pb2.ARTIFACT_KIND_BOUNDARY,
+    "flow": trainer_pb2.ARTIFACT_KIND_FLOW,
+    "directions": trainer_pb2.ARTIFACT_KIND_DIRECTIONS,
+    "mapping": trainer_pb2.ARTIFACT_KIND_MAPPING,
+    "correlation-report": trainer_pb2.ARTIFACT_KIND_CORRELATION_REPORT,
+    "pca-directions": trainer_pb2.ARTIFACT_KIND_PCA_DIRECTIONS,
+}
+CONDITION_KINDS = {"attributes": trainer_pb2.CONDITION_KIND_ATTRIBUTES, "keypoints": trainer_pb2.CONDITION_KIND_KEYPOINTS,
+                   "caption": trainer_pb2.CONDITION_KIND_CAPTION}
+
+
+def space_name(code: int, field: str = "space") -> str | None:
+    """LatentSpace enum -> "z" / "w" / "w+"; None for UNSPECIFIED (the generator's first space)."""
+    if code == types_pb2.LATENT_SPACE_UNSPECIFIED:
+        return None
+    if code not in SPACES_BY_CODE:
+        raise InvalidArgument(f"{field}: {code} is not a LatentSpace; allowed: {', '.join(types_pb2.LatentSpace.keys()[1:])}")
+    return SPACES_BY_CODE[code]
+
+
+def space_code(name: str) -> int:
+    return SPACE_CODES[name]
+
+
+def latents_to_proto(latents) -> types_pb2.Latents:
+    return types_pb2.Latents(space=SPACE_CODES[latents.space.space], values=to_tensor(latents.values))
+
+
+def latents_from_proto(message: types_pb2.Latents, spec, field: str = "latents"):
+    """A Latents message -> core Latents in one of `spec`'s (a GeneratorSpec) spaces, shape-checked."""
+    from latentedit.latents import Latents
+
+    try:
+        space = spec.space(space_name(message.space, f"{field}.space"))
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{field}.space: {exc.message}") from exc
+    values = from_tensor(message.values, field=f"{field}.values ({space.space} latents)", dtypes=FLOAT_DTYPES,
+                         shape=[None, *space.shape])
+    return Latents(space, values)
+
+
+def spec_from_model_info(info) -> object:
+    """generator_pb2.ModelInfo -> GeneratorSpec (what methods need to know about a remote generator)."""
+    from latentedit.latents import LatentSpaceSpec
+    from latentedit.models.generator import GeneratorSpec, LayerSpec
+
+    spaces = tuple(LatentSpaceSpec(SPACES_BY_CODE[s.space], s.dim, s.num_ws or 1, s.prior) for s in info.latent_spaces)
+    layers = tuple(LayerSpec(l.name, tuple(int(d) for d in l.shape), l.description) for l in info.layers)
+    return GeneratorSpec(info.architecture, spaces, info.resolution, info.channels, layers, info.supports_truncation)
+
+
+def scores_to_proto(scores: dict[str, dict[str, np.ndarray]]) -> list[types_pb2.HeadOutput]:
+    """{head: {output: array}} -> HeadOutput messages (captions from the output "captions")."""
+    messages = []
+    for head, outputs in scores.items():
+        message = types_pb2.HeadOutput(head=head)
+        for name, value in outputs.items():
+            if name == "captions":
+                message.captions.extend(str(c) for c in value)
+            else:
+                message.outputs.append(types_pb2.NamedTensor(name=name, tensor=to_tensor(np.asarray(value, np.float32))))
+        messages.append(message)
+    return messages
+
+
+def scores_from_proto(heads) -> dict[str, dict[str, np.ndarray]]:
+    """HeadOutput messages -> {head: {output: array}} (captions under the output "captions")."""
+    results: dict[str, dict[str, np.ndarray]] = {}
+    for head in heads:
+        results[head.head] = {o.name: from_tensor(o.tensor, field=f"{head.head}.{o.name}") for o in head.outputs}
+        if head.captions:
+            results[head.head]["captions"] = np.array(list(head.captions), dtype=object)
+    return results

@@ -11,8 +11,9 @@ from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc, types_pb2
 from latentedit.batching import DynamicBatcher
 from latentedit.config import ScorerConfig
 from latentedit.errors import InvalidArgument, ResourceExhausted
-from latentedit.scoring import HeadResult, Scorer, check_images
-from latentedit.serving import deadline_seconds
+from latentedit.scoring.base import HeadResult, check_images
+from latentedit.scoring.scorer import Scorer
+from latentedit.rpc.serving import deadline_seconds
 
 HEAD_KINDS = {
     "attribute": scorer_pb2.HEAD_KIND_ATTRIBUTE,

@@ -13,7 +13,7 @@ import torch
 from latentedit.config import Config, GeneratorConfig
 from latentedit.install import install_defaults, link_or_copy
 from latentedit.repository import ModelRepository
-from latentedit.serving import channel_options
+from latentedit.rpc.serving import channel_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def scorer_server(installed_repo):
 
 def start_services(repo, names=("generator", "scorer", "trainer", "editor"), **overrides):
     """Start services in this process on free ports, wired to each other: returns (config, hosts)."""
-    from latentedit.launch import build_service
+    from latentedit.rpc.launch import build_service
 
     config = make_config(repo)
     for key, value in overrides.items():

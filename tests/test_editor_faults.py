@@ -12,8 +12,8 @@ import yaml
 
 from latentedit import wire
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, trainer_pb2, trainer_pb2_grpc, types_pb2
-from latentedit.client import connect, wait_serving
-from latentedit.launch import build_service
+from latentedit.rpc.client import connect, wait_serving
+from latentedit.rpc.launch import build_service
 from tests.conftest import ROOT, free_port, make_config
 
 
@@ -30,13 +30,13 @@ def services(installed_repo):
         hosts[name] = build_service(name, config)
         config.services[name].port = hosts[name].port
     # A boundary to edit along: any unit vector will do for these tests.
-    from latentedit.artifacts import write_boundary
-    from latentedit.methods.interfacegan import Boundary
+    from latentedit.methods.interfacegan import Boundary, boundary_artifact
+    from latentedit.world import LocalWorld
 
     normal = np.zeros(100, np.float32)
     normal[0] = 1
-    write_boundary(installed_repo, "axis0", Boundary(normal, 0.0), {"generator": {"name": "dcgan-faces", "version": 1},
-                                                                    "attribute": {"head": "", "output": "axis0"}})
+    generator = LocalWorld(installed_repo).generator("dcgan-faces")
+    boundary_artifact("axis0", Boundary(normal, 0.0), generator, "z", {"head": "", "output": "axis0"}).save(installed_repo, {})
     yield config, hosts, pool
     for host in hosts.values():
         host.stop(0)

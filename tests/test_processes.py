@@ -19,7 +19,7 @@ from PIL import Image
 
 from latentedit import wire
 from latentedit.api.v1 import editor_pb2, generator_pb2, scorer_pb2, trainer_pb2, types_pb2
-from latentedit.client import GeneratorClient, connect, wait_serving
+from latentedit.rpc.client import GeneratorClient, connect, wait_serving
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -213,7 +213,7 @@ def test_interfacegan_end_to_end_through_the_public_api(suite):
     assert np.ptp(yaw_distance) < 1e-3, yaw_distance
     assert happy[-1] - happy[0] > 0.1
     # The same edit without the condition drifts along the yaw normal by 3 * cos(smile, yaw).
-    from latentedit.artifacts import load_boundary
+    from latentedit.methods.interfacegan import load_boundary
     from latentedit.repository import ModelRepository
 
     repo = ModelRepository(yaml.safe_load(open(suite[0]).read())["repository"])

@@ -31,6 +31,14 @@ def test_every_rpc_of_the_design_is_in_the_contract():
     for (module, service), methods in expected.items():
         assert {m.name for m in module.DESCRIPTOR.services_by_name[service].methods} == methods
     edit_methods = {f.name for f in editor_pb2.EditRequest.DESCRIPTOR.oneofs_by_name["method"].fields}
-    assert edit_methods == {"interfacegan", "wstar", "dplase", "sgf"}
+    # The four papers' methods are in the contract, and every method field is one the registry serves or plans.
+    from latentedit.methods.registry import METHODS, PLANNED
+
+    assert {"interfacegan", "wstar", "dplase", "sgf"} <= edit_methods
+    assert edit_methods == set(METHODS) | set(PLANNED)
+    job_kinds = {f.name for f in trainer_pb2.StartJobRequest.DESCRIPTOR.oneofs_by_name["spec"].fields}
+    from latentedit.methods.registry import PLANNED_JOBS
+
+    assert job_kinds == {kind for m in METHODS.values() for kind in m.jobs} | set(PLANNED_JOBS)
     sgf_targets = {f.name for f in editor_pb2.SGFEdit.DESCRIPTOR.oneofs_by_name["target"].fields}
     assert sgf_targets == {"attributes", "keypoints", "caption"}

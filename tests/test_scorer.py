@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentedit import wire
 from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc, types_pb2
-from latentedit.serving import channel_options
+from latentedit.rpc.serving import channel_options
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -121,7 +121,7 @@ def test_embed_text_gives_unit_vectors_that_rank_meaning(stub):
 
 
 def test_expression_port_matches_the_original_keras_network(installed_repo):
-    from latentedit.heads import _load_fer
+    from latentedit.scoring.heads import _load_fer
 
     reference = np.load(FIXTURES / "fer_reference.npz")
     net = _load_fer(installed_repo.resolve("fer-emotion"))
@@ -132,7 +132,7 @@ def test_expression_port_matches_the_original_keras_network(installed_repo):
 
 
 def test_expression_head_is_differentiable(installed_repo):
-    from latentedit.heads import _load_fer
+    from latentedit.scoring.heads import _load_fer
     from latentedit.models.expression import rgb_to_model_input
 
     net = _load_fer(installed_repo.resolve("fer-emotion"))

@@ -7,7 +7,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc
 from latentedit.errors import FailedPrecondition
-from latentedit.serving import ServiceHost, ServingOptions
+from latentedit.config import ServingOptions
+from latentedit.rpc.serving import ServiceHost
 
 
 class _Flaky(generator_pb2_grpc.GeneratorServiceServicer):

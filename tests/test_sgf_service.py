@@ -53,11 +53,12 @@ def _output(frame, head, name):
 
 
 def test_every_layer_of_the_trained_mapping_is_a_contraction(attribute_mapping, suite_in_process):
-    from latentedit.artifacts import load_mapping
+    from latentedit.methods.sgf import load_mapping
     from latentedit.repository import ModelRepository
 
     assert attribute_mapping.metrics["max_spectral_norm"] < 1.0
-    mapping, condition, _ = load_mapping(ModelRepository(suite_in_process[0].repository), "sgf-attributes")
+    prepared = load_mapping(ModelRepository(suite_in_process[0].repository), "sgf-attributes")
+    mapping, condition = prepared.mapping, prepared.condition
     assert max(mapping.layer_spectral_norms()) < 1.0
     assert condition.kind == "attributes" and [a.output for a in condition.attributes] == ["yaw", "mouth_openness", "probabilities"]
     assert "reconstruction_error" in attribute_mapping.metrics
@@ -87,7 +88,7 @@ def test_keypoint_targets_from_other_samples_pull_the_points_closer(stubs, keypo
 
 
 def test_caption_target_raises_the_caption_similarity(stubs, caption_mapping, suite_in_process):
-    from latentedit.client import ScorerClient
+    from latentedit.rpc.client import ScorerClient
 
     _, editor = stubs
     text = "a smiling young woman facing the camera, mouth open"

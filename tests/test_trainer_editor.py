@@ -92,7 +92,7 @@ def test_edit_from_given_latents_and_from_the_boundary(editor, yaw_boundary):
 
 
 def test_custom_boundary_from_caller_labels(trainer, suite_in_process):
-    from latentedit.artifacts import load_boundary
+    from latentedit.methods.interfacegan import load_boundary
     from latentedit.repository import ModelRepository
 
     rng = np.random.default_rng(5)
@@ -189,7 +189,7 @@ def test_bad_edits(editor, yaw_boundary):
             INVALID, "cannot also be a condition")
     bad_latents = types_pb2.Latents(space=1, values=wire.to_tensor(np.zeros((1, 7), np.float32)))
     _expect(editor.Edit, editor_pb2.EditRequest(latents=bad_latents, interfacegan=editor_pb2.InterFaceGANEdit(boundary="unit-yaw"), num_frames=2),
-            INVALID, "width 7 does not match")
+            INVALID, "shape [1, 7] does not match the expected [N, 100]")
     # still serving
     assert len(list(editor.Edit(editor_pb2.EditRequest(interfacegan=editor_pb2.InterFaceGANEdit(boundary="unit-yaw"), **base), timeout=60))) == 2
 

@@ -11,30 +11,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentedit.api.v1 import trainer_pb2
-from latentedit.errors import LatentEditError
+from latentedit.errors import Cancelled, LatentEditError
 from trainer_svc.store import JobStore, now
 
 log = logging.getLogger(__name__)
 
 
-class JobCancelled(Exception):
-    pass
+class JobCancelled(Cancelled):
+    def __init__(self) -> None:
+        super().__init__("the job was cancelled")
 
 
 @dataclass
 class JobContext:
-    """What a job body sees: progress reporting and the cancellation check."""
+    """What a job body sees (the methods' `Progress`): progress reporting and the cancellation check."""
 
     store: JobStore
     job_id: str
     cancel: threading.Event
     messages: dict[str, str]
     started: float = field(default_factory=time.monotonic)
+    _on_cancel: list[Callable[[], None]] = field(default_factory=list)
 
     def check(self) -> None:
         """Call between units of work: raises JobCancelled once CancelJob was called."""
         if self.cancel.is_set():
             raise JobCancelled()
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the job is cancelled (e.g. to cancel the downstream call in flight)."""
+        self._on_cancel.append(callback)
+
+    def request_cancel(self) -> None:
+        self.cancel.set()
+        for callback in list(self._on_cancel):
+            callback()
 
     def report(self, phase: str, progress: float, metrics: dict[str, float] | None = None, message: str = "") -> None:
         job = self.store.get(self.job_id)
@@ -56,20 +67,20 @@ class JobRunner:
     def __init__(self, store: JobStore, workers: int = 1) -> None:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
-        self._cancel: dict[str, threading.Event] = {}
+        self._contexts: dict[str, JobContext] = {}
         self.messages: dict[str, str] = {}
         self._shutting_down = False
 
     def submit(self, job_id: str, body: JobBody, params: Any) -> None:
-        self._cancel[job_id] = threading.Event()
+        self._contexts[job_id] = JobContext(self.store, job_id, threading.Event(), self.messages)
         self._pool.submit(self._run, job_id, body, params)
 
     def cancel(self, job_id: str) -> trainer_pb2.Job:
         job = self.store.get(job_id)
         if job.state in (trainer_pb2.JOB_STATE_QUEUED, trainer_pb2.JOB_STATE_RUNNING):
-            event = self._cancel.get(job_id)
-            if event is not None:
-                event.set()
+            context = self._contexts.get(job_id)
+            if context is not None:
+                context.request_cancel()
             if job.state == trainer_pb2.JOB_STATE_QUEUED:
                 self._finish(job, trainer_pb2.JOB_STATE_CANCELLED, "cancelled before it started")
         return self.store.get(job_id)
@@ -78,15 +89,15 @@ class JobRunner:
         job = self.store.get(job_id)
         if job.state != trainer_pb2.JOB_STATE_QUEUED:
             return  # cancelled while queued
-        cancel = self._cancel[job_id]
+        context = self._contexts[job_id]
         job.state = trainer_pb2.JOB_STATE_RUNNING
         job.phase = "starting"
         job.started_at.CopyFrom(now())
         self.store.save(job)
-        context = JobContext(self.store, job_id, cancel, self.messages)
+        context.started = time.monotonic()
         try:
             artifact = body(context, params)
-        except JobCancelled:
+        except Cancelled:
             if self._shutting_down:
                 self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_FAILED, "interrupted",
                              "interrupted: the trainer shut down while this job was running; start it again with a new idempotency key")
@@ -103,7 +114,7 @@ class JobRunner:
             job.progress = 1.0
             self._finish(job, trainer_pb2.JOB_STATE_SUCCEEDED, "done")
         finally:
-            self._cancel.pop(job_id, None)
+            self._contexts.pop(job_id, None)
 
     def _finish(self, job: trainer_pb2.Job, state: int, phase: str, error: str = "") -> None:
         job.state = state
@@ -116,6 +127,6 @@ class JobRunner:
 
     def close(self) -> None:
         self._shutting_down = True
-        for event in list(self._cancel.values()):
-            event.set()
+        for context in list(self._contexts.values()):
+            context.request_cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)

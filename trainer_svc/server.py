@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 
 from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc
-from latentedit.client import GeneratorClient, ScorerClient, connect
+from latentedit.rpc.remote_world import CallScope, RemoteWorld, Services
 from latentedit.config import Config
 from latentedit.repository import ModelRepository
-from latentedit.serving import ServiceHost
+from latentedit.rpc.serving import ServiceHost
 from trainer_svc import jobs
 from trainer_svc.runner import JobRunner
 from trainer_svc.service import TrainerServicer
@@ -22,10 +22,7 @@ def build(config: Config) -> tuple[ServiceHost, JobStore]:
     repo = ModelRepository(config.repository)
     store = JobStore(repo.root)
     runner = JobRunner(store, workers=config.trainer.workers)
-    generator_address, scorer_address = config.address("generator"), config.address("scorer")
-    deps = jobs.Dependencies(
-        repo, GeneratorClient(connect(generator_address)), generator_address, ScorerClient(connect(scorer_address)), scorer_address
-    )
+    deps = jobs.Dependencies(repo, Services(config.address("generator"), config.address("scorer")), config.trainer.call_timeout_s)
     host = ServiceHost(config.services["trainer"])
     servicer = TrainerServicer(store, runner, deps)
     host.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)
@@ -36,7 +33,8 @@ def build(config: Config) -> tuple[ServiceHost, JobStore]:
     for job_id in store.recover():
         job = store.get(job_id)
         try:
-            params, body = jobs.validate(job.request, deps)
+            world = RemoteWorld(deps.services, CallScope(None, max_call_s=30.0, what="resuming a job"))
+            params, body = jobs.validate(job.request, world, deps)
         except Exception as exc:  # noqa: BLE001 - e.g. a dependency is still starting
             job.state, job.error = trainer_pb2.JOB_STATE_FAILED, f"could not resume after a restart: {exc}"
             store.save(job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc
 from latentedit.errors import InvalidArgument
+from latentedit.rpc.remote_world import CallScope, RemoteWorld
 from trainer_svc import jobs
 from trainer_svc.runner import JobRunner
 from trainer_svc.store import TERMINAL, JobStore
@@ -25,7 +26,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             existing = self.store.find_by_key(request)
             if existing is not None:
                 return existing
-        params, body = jobs.validate(request, self.deps)
+        world = RemoteWorld(self.deps.services, CallScope.for_rpc(context, self.deps.call_timeout_s, "validating the job"))
+        params, body = jobs.validate(request, world, self.deps)
         job, created = self.store.create(request)
         if created:
             self.runner.submit(job.id, body, params)

@@ -15,13 +15,90 @@ contraction in z: Lip_z(F) <= coefficient ** depth < 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import jvp
 from torch.nn.utils.parametrizations import spectral_norm
+
+from latentedit import attributes
+from latentedit.artifacts import MAPPING_KIND, load_tensors, resolve_trained, tensors_writer
+from latentedit.conditions import ConditionSpec
+from latentedit.config import EditorConfig
+from latentedit.errors import FailedPrecondition, InvalidArgument, NotFound
+from latentedit.latents import Latents
+from latentedit.methods.base import (
+    DIVERGED,
+    STEP_LIMIT,
+    TARGET_REACHED,
+    Editable,
+    Frame,
+    FrameRequest,
+    JobBasics,
+    Method,
+    Progress,
+    Trained,
+    batch_seed,
+    batches,
+    check_count,
+    check_finite,
+    job_basics,
+    requested,
+)
+from latentedit.repository import Entry, ModelRepository
+from latentedit.world import GeneratorInfo, World
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """Training F: the defaults every caller (trainer, CLI, evaluation) uses."""
+
+    basics: JobBasics
+    condition: ConditionSpec
+    space: str = "z"
+    num_pairs: int = 2000
+    depth: int = 6
+    hidden: int = 256
+    steps: int = 3000
+    learning_rate: float = 2e-3
+    train_batch: int = 128
+
+
+@dataclass(frozen=True)
+class AttributeGoal:
+    """A target value of one attribute: a number, or one per sample ([N])."""
+
+    head: str
+    output: str
+    label: str
+    index: int
+    value: float | np.ndarray
+
+
+@dataclass(frozen=True)
+class KeypointGoal:
+    points: np.ndarray  # [K, 2] or [N, K, 2] image pixels
+
+
+@dataclass(frozen=True)
+class CaptionGoal:
+    text: str
+
+
+@dataclass(frozen=True)
+class SGFOptions:
+    """An SGF edit (Algorithm 1) and its defaults."""
+
+    mapping: str
+    target: tuple[AttributeGoal, ...] | KeypointGoal | CaptionGoal
+    step_size: float = 0.2
+    neumann_order: int = 1
+    max_steps: int = 20
+    # Stop when the targeted part of the condition is this close (standardised units).
+    tolerance: float = 0.1
 
 
 class _ScaledSpectralLinear(nn.Module):
@@ -61,7 +138,7 @@ class AuxiliaryMapping(nn.Module):
     AdaIN-style conditioning on c. Inputs and outputs are batches: z [N, latent_dim], c [N, condition_dim].
     """
 
-    def __init__(self, latent_dim: int, condition_dim: int, depth: int = 6, hidden: int = 512, coefficient: float = 0.97) -> None:
+    def __init__(self, latent_dim: int, condition_dim: int, depth: int, hidden: int, coefficient: float = 0.97) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError("depth must be at least 2 (input and output layers)")
@@ -94,8 +171,8 @@ def train_mapping(
     latents: torch.Tensor,
     conditions: torch.Tensor,
     steps: int,
-    batch_size: int = 64,
-    learning_rate: float = 2e-4,
+    batch_size: int,
+    learning_rate: float,
     seed: int = 0,
     progress: Callable[[int, float], bool] | None = None,
 ) -> float:
@@ -155,10 +232,10 @@ def sgf_edit(
     measure: Callable[[torch.Tensor], torch.Tensor],
     z0: torch.Tensor,
     target: torch.Tensor,
-    step_size: float = 0.2,
-    order: int = 1,
-    max_steps: int = 20,
-    tolerance: float = 0.05,
+    step_size: float,
+    order: int,
+    max_steps: int,
+    tolerance: float,
     condition_mask: torch.Tensor | None = None,
     initial_condition: torch.Tensor | None = None,
 ):
@@ -189,10 +266,12 @@ def sgf_edit(
         gap_length = torch.linalg.vector_norm(gap_vector, dim=1, keepdim=True).clamp(min=1e-12)
         delta_c = gap_vector * torch.clamp(step_length / gap_length, max=1.0)
         dz = surrogate_step(mapping, z, c, delta_c, order).detach()
-        z = torch.where(active[:, None], z + dz, z)
-        if not torch.isfinite(z).all() or z.abs().max() > 1e3:
-            yield SGFStep(index, z, c, distance(c), True, "diverged")
+        moved = torch.where(active[:, None], z + dz, z)
+        if not torch.isfinite(moved).all() or moved.abs().max() > 1e3:
+            # The last finite latents (and their condition) end the trajectory.
+            yield SGFStep(index, z.clone(), c.clone(), distance(c), True, "diverged")
             return
+        z = moved
         with torch.no_grad():
             c = measure(z)
         gap = distance(c)
@@ -201,3 +280,219 @@ def sgf_edit(
             yield SGFStep(index, z.clone(), c.clone(), gap, True, "target_reached")
             return
         yield SGFStep(index, z.clone(), c.clone(), gap, index == max_steps, "step_limit" if index == max_steps else "")
+
+
+# ---- the plug-in -----------------------------------------------------------------------------
+
+
+def fit_mapping(latents: np.ndarray, raw_conditions: np.ndarray, spec: MappingSpec,
+                progress: Progress) -> tuple[AuxiliaryMapping, dict[str, float]]:
+    """Standardise c, train F on 90% of the (z, c) pairs and measure it on the other 10%."""
+    condition = spec.condition
+    condition.fit(raw_conditions)
+    c_all = condition.standardise(raw_conditions)
+    held_out = max(1, len(latents) // 10)
+    z_train, c_train = torch.from_numpy(latents[held_out:]), torch.from_numpy(c_all[held_out:])
+    torch.manual_seed(spec.basics.seed)
+    mapping = AuxiliaryMapping(latents.shape[1], c_all.shape[1], depth=spec.depth, hidden=spec.hidden)
+
+    def report(step: int, loss: float) -> bool:
+        progress.check()
+        progress.report("training F", 0.4 + 0.55 * step / spec.steps, {"train_loss": loss})
+        return True
+
+    loss = train_mapping(mapping, z_train, c_train, spec.steps, batch_size=spec.train_batch, learning_rate=spec.learning_rate,
+                         seed=spec.basics.seed, progress=report)
+    with torch.no_grad():
+        z_val, c_val = torch.from_numpy(latents[:held_out]), torch.from_numpy(c_all[:held_out])
+        error = float((mapping(z_val, c_val) - z_val).pow(2).sum(1).mean() / z_val.pow(2).sum(1).mean())
+    return mapping, {"train_loss": loss, "reconstruction_error": error, "max_spectral_norm": max(mapping.layer_spectral_norms()),
+                     "num_pairs": float(len(latents)), "condition_dim": float(c_all.shape[1])}
+
+
+@dataclass(frozen=True)
+class PreparedMapping:
+    mapping: AuxiliaryMapping
+    condition: ConditionSpec
+    space: str
+
+
+def load_mapping(repo: ModelRepository, name: str, version: int = 0, generator: str | None = None) -> PreparedMapping:
+    # A missing mapping is a precondition (train it first), not an unknown name in the request.
+    entry = resolve_trained(repo, MAPPING_KIND, "trained SGF mapping", name, version, generator, FailedPrecondition,
+                            "; train one with a mapping job")
+    mapping = AuxiliaryMapping(**entry.manifest["config"], coefficient=float(entry.manifest["coefficient"]))
+    mapping.load_state_dict(load_tensors(entry, "mapping"))
+    return PreparedMapping(mapping.eval(), ConditionSpec.from_dict(entry.manifest["condition"]), entry.manifest.get("space", "z"))
+
+
+TARGET_KINDS = {AttributeGoal: "attributes", KeypointGoal: "keypoints", CaptionGoal: "caption"}
+
+
+class SGF(Method):
+    name = "sgf"
+    title = "SGF (surrogate gradient field)"
+    artifact_kind = MAPPING_KIND
+    jobs = ("mapping",)
+
+    # ---- editing ----------------------------------------------------------------------------
+
+    def edit_options(self, message, num_frames: int, limits: EditorConfig) -> SGFOptions:
+        from latentedit import wire
+
+        kind = message.WhichOneof("target")
+        if kind is None:
+            raise InvalidArgument("sgf.target: give attribute values, keypoints or a caption")
+        if kind == "attributes":
+            if not message.attributes.values:
+                raise InvalidArgument("sgf.attributes.values is empty; name at least one attribute and its target value")
+            for value in message.attributes.values:
+                check_finite(**{"sgf.attributes.values": value.value})
+            target = tuple(AttributeGoal(v.attribute.head, v.attribute.output, v.attribute.label, v.attribute.index, float(v.value))
+                           for v in message.attributes.values)
+        elif kind == "keypoints":
+            target = KeypointGoal(wire.from_tensor(message.keypoints.points, field="sgf.keypoints.points", dtypes=wire.FLOAT_DTYPES))
+        else:
+            if not message.caption.text.strip():
+                raise InvalidArgument("sgf.caption.text is empty; give a sentence such as 'a smiling young woman'")
+            target = CaptionGoal(message.caption.text)
+        check_finite(**{"sgf.step_size": message.step_size, "sgf.tolerance": message.tolerance})
+        defaults = SGFOptions("", ())
+        options = SGFOptions(message.mapping, target, message.step_size or defaults.step_size,
+                             message.neumann_order if message.neumann_order > 0 else defaults.neumann_order,
+                             message.max_steps or defaults.max_steps, message.tolerance or defaults.tolerance)
+        if (not 0 < options.step_size <= 1 or not 0 <= options.neumann_order <= 10
+                or not 1 <= options.max_steps <= limits.max_frames or options.tolerance <= 0):
+            raise InvalidArgument("sgf: step_size must be in (0, 1], neumann_order in 0..10, max_steps in "
+                                  f"1..{limits.max_frames}, tolerance > 0")
+        return options
+
+    def prepare(self, repo: ModelRepository, generator: GeneratorInfo, options: SGFOptions) -> PreparedMapping:
+        prepared = load_mapping(repo, options.mapping, generator=generator.name)
+        kind = TARGET_KINDS[type(options.target[0]) if isinstance(options.target, tuple) else type(options.target)]
+        if prepared.condition.kind != kind:
+            raise FailedPrecondition(f"mapping {options.mapping!r} was trained on {prepared.condition.kind} conditions; "
+                                     f"the target is {kind}")
+        generator.space(prepared.space)
+        return prepared
+
+    def edit(self, world: World, generator: GeneratorInfo, artifact: PreparedMapping, start: Latents, options: SGFOptions,
+             frames: FrameRequest) -> Iterator[Frame]:
+        """Algorithm 1: each Euler step is synthesized, scored and yielded as a frame."""
+        condition = artifact.condition
+        if start.space.size != artifact.mapping.latent_dim:
+            raise FailedPrecondition(f"mapping {options.mapping!r} works on {artifact.mapping.latent_dim}-d latents; "
+                                     f"the start latents are {start.space.describe()}")
+        caption = world.embed_text([options.target.text])[0] if isinstance(options.target, CaptionGoal) else None
+        heads = list(dict.fromkeys([*condition.heads, *frames.heads]))
+        last: dict = {}
+
+        def measure(z: torch.Tensor) -> torch.Tensor:
+            latents = start.replace(z.numpy())
+            images = world.synthesize(generator, latents)
+            scores = world.score(images, heads)
+            last.update(images=images, scores=scores, raw=condition.raw(scores))
+            return torch.from_numpy(condition.standardise(last["raw"]))
+
+        z0 = torch.from_numpy(start.flat().copy())
+        first = measure(z0)
+        target_raw, mask = self.target(options.target, condition, last["raw"], caption)
+        target = torch.from_numpy(condition.standardise(target_raw))
+        steps = sgf_edit(artifact.mapping, measure, z0, target, options.step_size, options.neumann_order, options.max_steps,
+                         options.tolerance, torch.from_numpy(mask), first)
+        stops = {"target_reached": TARGET_REACHED, "diverged": DIVERGED, "step_limit": STEP_LIMIT}
+        for step in steps:
+            metrics = {"distance_to_target": float(step.distance.mean()),
+                       "reached": float((step.distance <= options.tolerance).float().mean())}
+            yield Frame(step.index, start.replace(step.latents.numpy()), last["images"] if frames.images else None,
+                        requested(last["scores"], frames), metrics, stops.get(step.reason, STEP_LIMIT) if step.done else "")
+
+    @staticmethod
+    def target(goal, condition: ConditionSpec, current_raw: np.ndarray, caption: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Target condition (raw units) per sample and the mask of the entries that are targeted."""
+        n = len(current_raw)
+        target = current_raw.copy()
+        mask = np.zeros(current_raw.shape[1], np.float32)
+        if isinstance(goal, tuple):
+            names = [a.name for a in condition.attributes]
+            for value in goal:
+                matches = [i for i, a in enumerate(condition.attributes) if a.head == value.head and a.output == value.output
+                           and (a.label == value.label if value.label else a.index in (None, value.index))]
+                if not matches:
+                    label = f".{value.label}" if value.label else ""
+                    raise NotFound(f"attribute {value.head}.{value.output}{label} is not one the mapping was trained on; "
+                                   f"attributes: {', '.join(names)}")
+                target[:, matches[0]] = np.broadcast_to(np.asarray(value.value, np.float32), (n,))
+                mask[matches[0]] = 1.0
+            return target, mask
+        if isinstance(goal, KeypointGoal):
+            points, count = goal.points, current_raw.shape[1] // 2
+            if points.ndim == 2:
+                points = np.broadcast_to(points, (n, *points.shape))
+            if points.ndim != 3 or points.shape[1:] != (count, 2) or points.shape[0] != n:
+                raise InvalidArgument(f"sgf.keypoints.points: shape {list(goal.points.shape)}; this mapping needs [{count}, 2] or "
+                                      f"[N={n}, {count}, 2] points in image pixels")
+            return (points / condition.image_size).reshape(n, -1).astype(np.float32), np.ones_like(mask)
+        return np.broadcast_to(caption, current_raw.shape).astype(np.float32), np.ones_like(mask)
+
+    # ---- training ---------------------------------------------------------------------------
+
+    def job_spec(self, kind: str, message, world: World, repo: ModelRepository) -> MappingSpec:
+        from latentedit.api.v1 import trainer_pb2
+        from latentedit.wire import space_name
+
+        if kind != "mapping":
+            return super().job_spec(kind, message, world, repo)
+        heads = world.heads()
+        schemas = {h.name: h for h in heads}
+        basics = job_basics(world, message.generator, message.options,
+                            lambda g: f"{g.name}-sgf-{trainer_pb2.ConditionKind.Name(message.condition).removeprefix('CONDITION_KIND_')}")
+        if message.condition == trainer_pb2.CONDITION_KIND_ATTRIBUTES:
+            if not message.attributes:
+                raise InvalidArgument("attributes: an ATTRIBUTES mapping needs at least one attribute")
+            condition = ConditionSpec("attributes", [attributes.resolve(a, heads, f"attributes[{i}]") for i, a in enumerate(message.attributes)])
+        elif message.condition == trainer_pb2.CONDITION_KIND_KEYPOINTS:
+            head = schemas.get(message.keypoints_head)
+            if head is None or "points" not in {o.name for o in head.outputs}:
+                keypoint_heads = [h.name for h in heads if "points" in {o.name for o in h.outputs}]
+                raise NotFound(f"keypoints_head {message.keypoints_head!r} is not a keypoint head; keypoint heads: {', '.join(keypoint_heads)}")
+            condition = ConditionSpec("keypoints", keypoints_head=message.keypoints_head, image_size=basics.generator.spec.resolution)
+        elif message.condition == trainer_pb2.CONDITION_KIND_CAPTION:
+            if "caption" not in schemas:
+                raise FailedPrecondition("the scorer has no caption head")
+            condition = ConditionSpec("caption")
+        else:
+            raise InvalidArgument("condition: choose CONDITION_KIND_ATTRIBUTES, _KEYPOINTS or _CAPTION")
+        defaults = MappingSpec(basics, condition)
+        num = check_count(message.num_pairs or defaults.num_pairs, "num_pairs")
+        depth, hidden = message.depth or defaults.depth, message.hidden_dim or defaults.hidden
+        if not 2 <= depth <= 32 or not 8 <= hidden <= 4096:
+            raise InvalidArgument(f"depth {depth} must be in 2..32 and hidden_dim {hidden} in 8..4096")
+        steps = message.options.steps or defaults.steps
+        rate = message.options.learning_rate or defaults.learning_rate
+        check_finite(**{"options.learning_rate": rate})
+        if not 1 <= steps <= 1_000_000 or not 0 < rate <= 1:
+            raise InvalidArgument(f"options.steps {steps} must be in 1..1000000 and learning_rate {rate:g} in (0, 1]")
+        space = basics.generator.space(space_name(message.space)).space
+        return MappingSpec(basics, condition, space, num, depth, hidden, steps, rate)
+
+    def train(self, world: World, spec: MappingSpec, progress: Progress) -> Trained:
+        b = spec.basics
+        latents, raw = [], []
+        for index, start, count in batches(spec.num_pairs, b.batch_size):
+            progress.check()
+            z = world.sample(b.generator, count, batch_seed(b.seed, index), spec.space)
+            latents.append(z.flat())
+            raw.append(spec.condition.raw(world.score(world.synthesize(b.generator, z), spec.condition.heads)))
+            progress.report("building (z, c) pairs", 0.4 * (start + count) / spec.num_pairs, message=f"{start + count}/{spec.num_pairs} pairs")
+        mapping, metrics = fit_mapping(np.concatenate(latents), np.concatenate(raw), spec, progress)
+        progress.report("writing the mapping", 0.98, metrics)
+        return Trained(MAPPING_KIND, b.name, b.generator, spec.space, metrics, {"mapping": "mapping.safetensors"},
+                       tensors_writer("mapping.safetensors", mapping.state_dict()),
+                       {"config": mapping.config(), "coefficient": mapping.coefficient, "condition": spec.condition.to_dict()},
+                       PreparedMapping(mapping.eval(), spec.condition, spec.space))
+
+    def describe(self, entry: Entry) -> Editable:
+        editable = super().describe(entry)
+        condition = ConditionSpec.from_dict(entry.manifest.get("condition", {"kind": "attributes"}))
+        return Editable(**{**editable.__dict__, "attributes": tuple(condition.attributes), "condition": condition.kind})

@@ -17,17 +17,10 @@ import torch
 from torch import nn
 
 from latentedit.errors import InvalidArgument, NotFound
+from latentedit.latents import LatentSpaceSpec
 
 INPUT_LAYER = "input"
 IMAGE_LAYER = "image"
-
-
-@dataclass(frozen=True)
-class LatentSpaceSpec:
-    space: str  # "z", "w" or "w+"
-    dim: int
-    num_ws: int = 1
-    prior: str = ""  # "normal" for N(0, I); empty when unknown
 
 
 @dataclass(frozen=True)
@@ -46,6 +39,16 @@ class GeneratorSpec:
     layers: tuple[LayerSpec, ...]  # input first, image last
     supports_truncation: bool = False
     extra: dict = field(default_factory=dict, compare=False)
+
+    def space(self, name: str | None = None) -> LatentSpaceSpec:
+        """The named latent space (None or "": the first, the generator's prior)."""
+        if not name:
+            return self.latent_spaces[0]
+        for space in self.latent_spaces:
+            if space.space == name:
+                return space
+        raise InvalidArgument(f"{self.architecture} generators have no latent space {name!r}; spaces: "
+                              f"{', '.join(s.space for s in self.latent_spaces)}")
 
     def layer_index(self, name: str) -> int:
         for i, layer in enumerate(self.layers):
@@ -78,9 +81,37 @@ class StagedGenerator(nn.Module):
                 outputs[name] = x
         return outputs
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents -> images; the form ONNX export and plain callers use."""
-        return self.run(z, INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Input-layer features -> images; the form ONNX export uses (see `latents_to_input`)."""
+        return self.run(x, INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER]
+
+    def latents_to_input(self, x: torch.Tensor, space: str) -> torch.Tensor:
+        """Latents of `space` -> features of the input layer. Generators with one space take its
+        latents as they are; style generators map Z and broadcast W (override)."""
+        if space != self.spec.latent_spaces[0].space:
+            raise InvalidArgument(f"{self.spec.architecture} has no latent space {space!r}")
+        return x
+
+    def map_latents(self, z: torch.Tensor, space: str) -> torch.Tensor:
+        """Prior samples z -> latents of `space` (W via the mapping network). Override for W spaces."""
+        if space != self.spec.latent_spaces[0].space:
+            raise InvalidArgument(f"{self.spec.architecture} cannot map z to {space!r}")
+        return z
+
+    def synthesize(self, x: torch.Tensor, space: str) -> torch.Tensor:
+        """Latents of any of the generator's spaces -> images in [-1, 1] (differentiable)."""
+        return self(self.latents_to_input(x, space))
+
+    def sample(self, space: LatentSpaceSpec, count: int, seed: int) -> np.ndarray:
+        """Seeded latents of `space`: prior draws, mapped when the space has no known prior."""
+        if space.prior == "normal":
+            return sample_latents(space, count, seed)
+        prior = next((s for s in self.spec.latent_spaces if s.prior == "normal"), None)
+        if prior is None:
+            raise InvalidArgument(f"{self.spec.architecture} has no space with a known prior to sample from")
+        with torch.no_grad():
+            z = torch.from_numpy(sample_latents(prior, count, seed))
+            return self.map_latents(z, space.space).numpy().astype(np.float32)
 
 
 def sample_latents(space: LatentSpaceSpec, count: int, seed: int) -> np.ndarray:
@@ -88,5 +119,4 @@ def sample_latents(space: LatentSpaceSpec, count: int, seed: int) -> np.ndarray:
     if space.prior != "normal":
         raise InvalidArgument(f"space {space.space} has no known prior to sample from; sample Z and map it")
     rng = np.random.Generator(np.random.PCG64(seed))
-    shape = (count, space.dim) if space.num_ws == 1 else (count, space.num_ws, space.dim)
-    return rng.standard_normal(shape, dtype=np.float32)
+    return rng.standard_normal((count, *space.shape), dtype=np.float32)

@@ -19,7 +19,7 @@ class TextEmbedder:
     def __init__(self, folder: Path, max_tokens: int = MAX_TOKENS) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from latentedit.scoring import offline_hub
+        from latentedit.scoring.base import offline_hub
 
         offline_hub()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -24,7 +24,7 @@ STOP_REASON_STEP_LIMIT: StopReason
 STOP_REASON_DIVERGED: StopReason
 
 class EditableArtifact(_message.Message):
-    __slots__ = ("artifact", "attributes", "condition", "num_directions", "space", "metrics", "job_id")
+    __slots__ = ("artifact", "attributes", "condition", "num_directions", "space", "metrics", "job_id", "method")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class EditableArtifact(_message.Message):
     SPACE_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     artifact: _trainer_pb2.ArtifactRef
     attributes: _containers.RepeatedCompositeFieldContainer[_types_pb2.AttributeRef]
     condition: _trainer_pb2.ConditionKind
@@ -46,7 +47,8 @@ class EditableArtifact(_message.Message):
     space: _types_pb2.LatentSpace
     metrics: _containers.ScalarMap[str, float]
     job_id: str
-    def __init__(self, artifact: _Optional[_Union[_trainer_pb2.ArtifactRef, _Mapping]] = ..., attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., condition: _Optional[_Union[_trainer_pb2.ConditionKind, str]] = ..., num_directions: _Optional[int] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job_id: _Optional[str] = ...) -> None: ...
+    method: str
+    def __init__(self, artifact: _Optional[_Union[_trainer_pb2.ArtifactRef, _Mapping]] = ..., attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., condition: _Optional[_Union[_trainer_pb2.ConditionKind, str]] = ..., num_directions: _Optional[int] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job_id: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class ListEditsRequest(_message.Message):
     __slots__ = ("generator",)
@@ -69,48 +71,68 @@ class SeedStart(_message.Message):
     def __init__(self, seed: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class InterFaceGANEdit(_message.Message):
-    __slots__ = ("boundary", "condition_boundaries", "start_distance", "end_distance", "from_boundary")
+    __slots__ = ("boundary", "condition_boundaries", "start_distance", "end_distance", "from_boundary", "rows")
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     CONDITION_BOUNDARIES_FIELD_NUMBER: _ClassVar[int]
     START_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     END_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     FROM_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     boundary: str
     condition_boundaries: _containers.RepeatedScalarFieldContainer[str]
     start_distance: float
     end_distance: float
     from_boundary: bool
-    def __init__(self, boundary: _Optional[str] = ..., condition_boundaries: _Optional[_Iterable[str]] = ..., start_distance: _Optional[float] = ..., end_distance: _Optional[float] = ..., from_boundary: _Optional[bool] = ...) -> None: ...
+    rows: _types_pb2.RowRange
+    def __init__(self, boundary: _Optional[str] = ..., condition_boundaries: _Optional[_Iterable[str]] = ..., start_distance: _Optional[float] = ..., end_distance: _Optional[float] = ..., from_boundary: _Optional[bool] = ..., rows: _Optional[_Union[_types_pb2.RowRange, _Mapping]] = ...) -> None: ...
 
 class WStarEdit(_message.Message):
-    __slots__ = ("flow", "attribute", "condition_attributes", "start_distance", "end_distance")
+    __slots__ = ("flow", "attribute", "condition_attributes", "start_distance", "end_distance", "rows")
     FLOW_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     CONDITION_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     START_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     END_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     flow: str
     attribute: _types_pb2.AttributeRef
     condition_attributes: _containers.RepeatedCompositeFieldContainer[_types_pb2.AttributeRef]
     start_distance: float
     end_distance: float
-    def __init__(self, flow: _Optional[str] = ..., attribute: _Optional[_Union[_types_pb2.AttributeRef, _Mapping]] = ..., condition_attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., start_distance: _Optional[float] = ..., end_distance: _Optional[float] = ...) -> None: ...
+    rows: _types_pb2.RowRange
+    def __init__(self, flow: _Optional[str] = ..., attribute: _Optional[_Union[_types_pb2.AttributeRef, _Mapping]] = ..., condition_attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., start_distance: _Optional[float] = ..., end_distance: _Optional[float] = ..., rows: _Optional[_Union[_types_pb2.RowRange, _Mapping]] = ...) -> None: ...
 
 class DPLaSEEdit(_message.Message):
-    __slots__ = ("directions", "direction_index", "start_stride", "end_stride", "density_preserving", "subspace_refinement")
+    __slots__ = ("directions", "direction_index", "start_stride", "end_stride", "density_preserving", "subspace_refinement", "rows")
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_INDEX_FIELD_NUMBER: _ClassVar[int]
     START_STRIDE_FIELD_NUMBER: _ClassVar[int]
     END_STRIDE_FIELD_NUMBER: _ClassVar[int]
     DENSITY_PRESERVING_FIELD_NUMBER: _ClassVar[int]
     SUBSPACE_REFINEMENT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     directions: str
     direction_index: int
     start_stride: float
     end_stride: float
     density_preserving: bool
     subspace_refinement: bool
-    def __init__(self, directions: _Optional[str] = ..., direction_index: _Optional[int] = ..., start_stride: _Optional[float] = ..., end_stride: _Optional[float] = ..., density_preserving: _Optional[bool] = ..., subspace_refinement: _Optional[bool] = ...) -> None: ...
+    rows: _types_pb2.RowRange
+    def __init__(self, directions: _Optional[str] = ..., direction_index: _Optional[int] = ..., start_stride: _Optional[float] = ..., end_stride: _Optional[float] = ..., density_preserving: _Optional[bool] = ..., subspace_refinement: _Optional[bool] = ..., rows: _Optional[_Union[_types_pb2.RowRange, _Mapping]] = ...) -> None: ...
+
+class GANSpaceEdit(_message.Message):
+    __slots__ = ("directions", "component", "start_distance", "end_distance", "rows")
+    DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    START_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    END_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    directions: str
+    component: int
+    start_distance: float
+    end_distance: float
+    rows: _types_pb2.RowRange
+    def __init__(self, directions: _Optional[str] = ..., component: _Optional[int] = ..., start_distance: _Optional[float] = ..., end_distance: _Optional[float] = ..., rows: _Optional[_Union[_types_pb2.RowRange, _Mapping]] = ...) -> None: ...
 
 class AttributeTarget(_message.Message):
     __slots__ = ("values",)
@@ -159,7 +181,7 @@ class SGFEdit(_message.Message):
     def __init__(self, mapping: _Optional[str] = ..., attributes: _Optional[_Union[AttributeTarget, _Mapping]] = ..., keypoints: _Optional[_Union[KeypointTarget, _Mapping]] = ..., caption: _Optional[_Union[CaptionTarget, _Mapping]] = ..., step_size: _Optional[float] = ..., neumann_order: _Optional[int] = ..., max_steps: _Optional[int] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("generator", "seed", "latents", "interfacegan", "wstar", "dplase", "sgf", "num_frames", "score_heads", "image_encoding", "omit_images")
+    __slots__ = ("generator", "seed", "latents", "interfacegan", "wstar", "dplase", "sgf", "ganspace", "num_frames", "score_heads", "image_encoding", "omit_images")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +189,7 @@ class EditRequest(_message.Message):
     WSTAR_FIELD_NUMBER: _ClassVar[int]
     DPLASE_FIELD_NUMBER: _ClassVar[int]
     SGF_FIELD_NUMBER: _ClassVar[int]
+    GANSPACE_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     SCORE_HEADS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ENCODING_FIELD_NUMBER: _ClassVar[int]
@@ -178,11 +201,12 @@ class EditRequest(_message.Message):
     wstar: WStarEdit
     dplase: DPLaSEEdit
     sgf: SGFEdit
+    ganspace: GANSpaceEdit
     num_frames: int
     score_heads: _containers.RepeatedScalarFieldContainer[str]
     image_encoding: _types_pb2.ImageEncoding
     omit_images: bool
-    def __init__(self, generator: _Optional[_Union[_types_pb2.ModelRef, _Mapping]] = ..., seed: _Optional[_Union[SeedStart, _Mapping]] = ..., latents: _Optional[_Union[_types_pb2.Latents, _Mapping]] = ..., interfacegan: _Optional[_Union[InterFaceGANEdit, _Mapping]] = ..., wstar: _Optional[_Union[WStarEdit, _Mapping]] = ..., dplase: _Optional[_Union[DPLaSEEdit, _Mapping]] = ..., sgf: _Optional[_Union[SGFEdit, _Mapping]] = ..., num_frames: _Optional[int] = ..., score_heads: _Optional[_Iterable[str]] = ..., image_encoding: _Optional[_Union[_types_pb2.ImageEncoding, str]] = ..., omit_images: _Optional[bool] = ...) -> None: ...
+    def __init__(self, generator: _Optional[_Union[_types_pb2.ModelRef, _Mapping]] = ..., seed: _Optional[_Union[SeedStart, _Mapping]] = ..., latents: _Optional[_Union[_types_pb2.Latents, _Mapping]] = ..., interfacegan: _Optional[_Union[InterFaceGANEdit, _Mapping]] = ..., wstar: _Optional[_Union[WStarEdit, _Mapping]] = ..., dplase: _Optional[_Union[DPLaSEEdit, _Mapping]] = ..., sgf: _Optional[_Union[SGFEdit, _Mapping]] = ..., ganspace: _Optional[_Union[GANSpaceEdit, _Mapping]] = ..., num_frames: _Optional[int] = ..., score_heads: _Optional[_Iterable[str]] = ..., image_encoding: _Optional[_Union[_types_pb2.ImageEncoding, str]] = ..., omit_images: _Optional[bool] = ...) -> None: ...
 
 class EditFrame(_message.Message):
     __slots__ = ("index", "latents", "images", "scores", "stop_reason", "metrics")

@@ -36,6 +36,7 @@ class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARTIFACT_KIND_DIRECTIONS: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_MAPPING: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_CORRELATION_REPORT: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_PCA_DIRECTIONS: _ClassVar[ArtifactKind]
 CONDITION_KIND_UNSPECIFIED: ConditionKind
 CONDITION_KIND_ATTRIBUTES: ConditionKind
 CONDITION_KIND_KEYPOINTS: ConditionKind
@@ -52,6 +53,7 @@ ARTIFACT_KIND_FLOW: ArtifactKind
 ARTIFACT_KIND_DIRECTIONS: ArtifactKind
 ARTIFACT_KIND_MAPPING: ArtifactKind
 ARTIFACT_KIND_CORRELATION_REPORT: ArtifactKind
+ARTIFACT_KIND_PCA_DIRECTIONS: ArtifactKind
 
 class TrainingOptions(_message.Message):
     __slots__ = ("seed", "batch_size", "steps", "learning_rate", "artifact_name")
@@ -195,8 +197,24 @@ class MappingJobSpec(_message.Message):
     options: TrainingOptions
     def __init__(self, generator: _Optional[_Union[_types_pb2.ModelRef, _Mapping]] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., condition: _Optional[_Union[ConditionKind, str]] = ..., attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., keypoints_head: _Optional[str] = ..., num_pairs: _Optional[int] = ..., depth: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ...) -> None: ...
 
+class PCAJobSpec(_message.Message):
+    __slots__ = ("generator", "space", "layer", "num_samples", "num_components", "options")
+    GENERATOR_FIELD_NUMBER: _ClassVar[int]
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    generator: _types_pb2.ModelRef
+    space: _types_pb2.LatentSpace
+    layer: str
+    num_samples: int
+    num_components: int
+    options: TrainingOptions
+    def __init__(self, generator: _Optional[_Union[_types_pb2.ModelRef, _Mapping]] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., layer: _Optional[str] = ..., num_samples: _Optional[int] = ..., num_components: _Optional[int] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ...) -> None: ...
+
 class StartJobRequest(_message.Message):
-    __slots__ = ("idempotency_key", "display_name", "boundary", "custom_boundary", "correlation", "flow", "directions", "mapping")
+    __slots__ = ("idempotency_key", "display_name", "boundary", "custom_boundary", "correlation", "flow", "directions", "mapping", "pca")
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     BOUNDARY_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +223,7 @@ class StartJobRequest(_message.Message):
     FLOW_FIELD_NUMBER: _ClassVar[int]
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     MAPPING_FIELD_NUMBER: _ClassVar[int]
+    PCA_FIELD_NUMBER: _ClassVar[int]
     idempotency_key: str
     display_name: str
     boundary: BoundaryJobSpec
@@ -213,7 +232,8 @@ class StartJobRequest(_message.Message):
     flow: FlowJobSpec
     directions: DirectionJobSpec
     mapping: MappingJobSpec
-    def __init__(self, idempotency_key: _Optional[str] = ..., display_name: _Optional[str] = ..., boundary: _Optional[_Union[BoundaryJobSpec, _Mapping]] = ..., custom_boundary: _Optional[_Union[CustomBoundaryJobSpec, _Mapping]] = ..., correlation: _Optional[_Union[CorrelationJobSpec, _Mapping]] = ..., flow: _Optional[_Union[FlowJobSpec, _Mapping]] = ..., directions: _Optional[_Union[DirectionJobSpec, _Mapping]] = ..., mapping: _Optional[_Union[MappingJobSpec, _Mapping]] = ...) -> None: ...
+    pca: PCAJobSpec
+    def __init__(self, idempotency_key: _Optional[str] = ..., display_name: _Optional[str] = ..., boundary: _Optional[_Union[BoundaryJobSpec, _Mapping]] = ..., custom_boundary: _Optional[_Union[CustomBoundaryJobSpec, _Mapping]] = ..., correlation: _Optional[_Union[CorrelationJobSpec, _Mapping]] = ..., flow: _Optional[_Union[FlowJobSpec, _Mapping]] = ..., directions: _Optional[_Union[DirectionJobSpec, _Mapping]] = ..., mapping: _Optional[_Union[MappingJobSpec, _Mapping]] = ..., pca: _Optional[_Union[PCAJobSpec, _Mapping]] = ...) -> None: ...
 
 class ArtifactRef(_message.Message):
     __slots__ = ("ref", "kind")

@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19latentedit/v1/types.proto\x12\rlatentedit.v1\"Q\n\x06Tensor\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.latentedit.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08raw_data\x18\x03 \x01(\x0c\"B\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.latentedit.v1.Tensor\"[\n\x07Latents\x12)\n\x05space\x18\x01 \x01(\x0e\x32\x1a.latentedit.v1.LatentSpace\x12%\n\x06values\x18\x02 \x01(\x0b\x32\x15.latentedit.v1.Tensor\"E\n\rLayerFeatures\x12\r\n\x05layer\x18\x01 \x01(\t\x12%\n\x06values\x18\x02 \x01(\x0b\x32\x15.latentedit.v1.Tensor\"m\n\nImageBatch\x12.\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1c.latentedit.v1.ImageEncoding\x12\"\n\x03raw\x18\x02 \x01(\x0b\x32\x15.latentedit.v1.Tensor\x12\x0b\n\x03png\x18\x03 \x03(\x0c\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"J\n\x0c\x41ttributeRef\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\"Y\n\nHeadOutput\x12\x0c\n\x04head\x18\x01 \x01(\t\x12+\n\x07outputs\x18\x02 \x03(\x0b\x32\x1a.latentedit.v1.NamedTensor\x12\x10\n\x08\x63\x61ptions\x18\x03 \x03(\t*\xb4\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\x01\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07*l\n\x0bLatentSpace\x12\x1c\n\x18LATENT_SPACE_UNSPECIFIED\x10\x00\x12\x12\n\x0eLATENT_SPACE_Z\x10\x01\x12\x12\n\x0eLATENT_SPACE_W\x10\x02\x12\x17\n\x13LATENT_SPACE_W_PLUS\x10\x03*e\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18IMAGE_ENCODING_RAW_UINT8\x10\x01\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x02*d\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x11\n\rBACKEND_TORCH\x10\x01\x12\x17\n\x13\x42\x41\x43KEND_ONNXRUNTIME\x10\x02\x12\x14\n\x10\x42\x41\x43KEND_TENSORRT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19latentedit/v1/types.proto\x12\rlatentedit.v1\"Q\n\x06Tensor\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.latentedit.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x10\n\x08raw_data\x18\x03 \x01(\x0c\"B\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.latentedit.v1.Tensor\"[\n\x07Latents\x12)\n\x05space\x18\x01 \x01(\x0e\x32\x1a.latentedit.v1.LatentSpace\x12%\n\x06values\x18\x02 \x01(\x0b\x32\x15.latentedit.v1.Tensor\"&\n\x08RowRange\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"E\n\rLayerFeatures\x12\r\n\x05layer\x18\x01 \x01(\t\x12%\n\x06values\x18\x02 \x01(\x0b\x32\x15.latentedit.v1.Tensor\"m\n\nImageBatch\x12.\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1c.latentedit.v1.ImageEncoding\x12\"\n\x03raw\x18\x02 \x01(\x0b\x32\x15.latentedit.v1.Tensor\x12\x0b\n\x03png\x18\x03 \x03(\x0c\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"J\n\x0c\x41ttributeRef\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\x05\"Y\n\nHeadOutput\x12\x0c\n\x04head\x18\x01 \x01(\t\x12+\n\x07outputs\x18\x02 \x03(\x0b\x32\x1a.latentedit.v1.NamedTensor\x12\x10\n\x08\x63\x61ptions\x18\x03 \x03(\t*\xb4\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x41TA_TYPE_FP32\x10\x01\x12\x12\n\x0e\x44\x41TA_TYPE_FP16\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_FP64\x10\x03\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x04\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x06\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x07*l\n\x0bLatentSpace\x12\x1c\n\x18LATENT_SPACE_UNSPECIFIED\x10\x00\x12\x12\n\x0eLATENT_SPACE_Z\x10\x01\x12\x12\n\x0eLATENT_SPACE_W\x10\x02\x12\x17\n\x13LATENT_SPACE_W_PLUS\x10\x03*e\n\rImageEncoding\x12\x1e\n\x1aIMAGE_ENCODING_UNSPECIFIED\x10\x00\x12\x1c\n\x18IMAGE_ENCODING_RAW_UINT8\x10\x01\x12\x16\n\x12IMAGE_ENCODING_PNG\x10\x02*d\n\x07\x42\x61\x63kend\x12\x17\n\x13\x42\x41\x43KEND_UNSPECIFIED\x10\x00\x12\x11\n\rBACKEND_TORCH\x10\x01\x12\x17\n\x13\x42\x41\x43KEND_ONNXRUNTIME\x10\x02\x12\x14\n\x10\x42\x41\x43KEND_TENSORRT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentedit.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=681
-  _globals['_DATATYPE']._serialized_end=861
-  _globals['_LATENTSPACE']._serialized_start=863
-  _globals['_LATENTSPACE']._serialized_end=971
-  _globals['_IMAGEENCODING']._serialized_start=973
-  _globals['_IMAGEENCODING']._serialized_end=1074
-  _globals['_BACKEND']._serialized_start=1076
-  _globals['_BACKEND']._serialized_end=1176
+  _globals['_DATATYPE']._serialized_start=721
+  _globals['_DATATYPE']._serialized_end=901
+  _globals['_LATENTSPACE']._serialized_start=903
+  _globals['_LATENTSPACE']._serialized_end=1011
+  _globals['_IMAGEENCODING']._serialized_start=1013
+  _globals['_IMAGEENCODING']._serialized_end=1114
+  _globals['_BACKEND']._serialized_start=1116
+  _globals['_BACKEND']._serialized_end=1216
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=125
   _globals['_NAMEDTENSOR']._serialized_start=127
   _globals['_NAMEDTENSOR']._serialized_end=193
   _globals['_LATENTS']._serialized_start=195
   _globals['_LATENTS']._serialized_end=286
-  _globals['_LAYERFEATURES']._serialized_start=288
-  _globals['_LAYERFEATURES']._serialized_end=357
-  _globals['_IMAGEBATCH']._serialized_start=359
-  _globals['_IMAGEBATCH']._serialized_end=468
-  _globals['_MODELREF']._serialized_start=470
-  _globals['_MODELREF']._serialized_end=511
-  _globals['_ATTRIBUTEREF']._serialized_start=513
-  _globals['_ATTRIBUTEREF']._serialized_end=587
-  _globals['_HEADOUTPUT']._serialized_start=589
-  _globals['_HEADOUTPUT']._serialized_end=678
+  _globals['_ROWRANGE']._serialized_start=288
+  _globals['_ROWRANGE']._serialized_end=326
+  _globals['_LAYERFEATURES']._serialized_start=328
+  _globals['_LAYERFEATURES']._serialized_end=397
+  _globals['_IMAGEBATCH']._serialized_start=399
+  _globals['_IMAGEBATCH']._serialized_end=508
+  _globals['_MODELREF']._serialized_start=510
+  _globals['_MODELREF']._serialized_end=551
+  _globals['_ATTRIBUTEREF']._serialized_start=553
+  _globals['_ATTRIBUTEREF']._serialized_end=627
+  _globals['_HEADOUTPUT']._serialized_start=629
+  _globals['_HEADOUTPUT']._serialized_end=718
 # @@protoc_insertion_point(module_scope)

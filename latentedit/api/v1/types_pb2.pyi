@@ -84,6 +84,14 @@ class Latents(_message.Message):
     values: Tensor
     def __init__(self, space: _Optional[_Union[LatentSpace, str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class RowRange(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
 class LayerFeatures(_message.Message):
     __slots__ = ("layer", "values")
     LAYER_FIELD_NUMBER: _ClassVar[int]

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from latentedit import wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc, types_pb2
 from latentedit.errors import RemoteError, Unavailable
-from latentedit.serving import channel_options
+from latentedit.rpc.serving import channel_options
 
 
 def connect(address: str) -> grpc.Channel:
@@ -42,11 +42,12 @@ def synthesize_request(
     latents: np.ndarray,
     encoding: int = types_pb2.IMAGE_ENCODING_RAW_UINT8,
     backend: int = types_pb2.BACKEND_UNSPECIFIED,
+    space: str = "z",
 ) -> generator_pb2.SynthesizeRequest:
-    """Z latents -> images, the request every caller of the generator sends."""
+    """Latents of `space` -> images."""
     return generator_pb2.SynthesizeRequest(
         model=model,
-        latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(latents)),
+        latents=types_pb2.Latents(space=wire.space_code(space), values=wire.to_tensor(latents)),
         image_encoding=encoding,
         backend=backend,
     )
@@ -55,16 +56,6 @@ def synthesize_request(
 def score_request(images: np.ndarray, heads: list[str]) -> scorer_pb2.ScoreRequest:
     """uint8 NHWC images, sent raw (the cheapest encoding), scored by `heads`."""
     return scorer_pb2.ScoreRequest(images=wire.encode_images(images, types_pb2.IMAGE_ENCODING_RAW_UINT8), heads=heads)
-
-
-def outputs_by_head(heads) -> dict[str, dict[str, np.ndarray]]:
-    """HeadOutput messages -> {head: {output: array}} (captions under the output "captions")."""
-    results: dict[str, dict[str, np.ndarray]] = {}
-    for head in heads:
-        results[head.head] = {o.name: wire.from_tensor(o.tensor, field=f"{head.head}.{o.name}") for o in head.outputs}
-        if head.captions:
-            results[head.head]["captions"] = np.array(list(head.captions), dtype=object)
-    return results
 
 
 class GeneratorClient:
@@ -76,8 +67,9 @@ class GeneratorClient:
     def ref(self) -> types_pb2.ModelRef:
         return types_pb2.ModelRef(name=self.model, version=self.version)
 
-    def sample(self, count: int, seed: int, timeout: float = 60) -> np.ndarray:
-        response = self.stub.Sample(generator_pb2.SampleRequest(model=self.ref(), count=count, seed=seed), timeout=timeout)
+    def sample(self, count: int, seed: int, timeout: float = 60, space: str = "z") -> np.ndarray:
+        request = generator_pb2.SampleRequest(model=self.ref(), count=count, seed=seed, space=wire.space_code(space))
+        response = self.stub.Sample(request, timeout=timeout)
         return wire.from_tensor(response.latents.values, field="latents")
 
     def synthesize(
@@ -86,9 +78,10 @@ class GeneratorClient:
         encoding: int = types_pb2.IMAGE_ENCODING_RAW_UINT8,
         backend: int = types_pb2.BACKEND_UNSPECIFIED,
         timeout: float = 60,
+        space: str = "z",
     ) -> np.ndarray:
         """Latents -> uint8 NHWC images."""
-        request = synthesize_request(self.ref(), latents, encoding, backend)
+        request = synthesize_request(self.ref(), latents, encoding, backend, space)
         return wire.decode_images(self.stub.Synthesize(request, timeout=timeout).images)
 
 
@@ -117,7 +110,7 @@ class ScorerClient:
 
     def score(self, images: np.ndarray, heads: list[str], timeout: float = 300) -> dict[str, dict[str, np.ndarray]]:
         """uint8 NHWC images -> {head: {output: array}} (captions under the output "captions")."""
-        return outputs_by_head(self.stub.Score(score_request(images, heads), timeout=timeout).heads)
+        return wire.scores_from_proto(self.stub.Score(score_request(images, heads), timeout=timeout).heads)
 
     def embed_text(self, texts: list[str], timeout: float = 60) -> np.ndarray:
         response = self.stub.EmbedText(scorer_pb2.EmbedTextRequest(texts=texts), timeout=timeout)

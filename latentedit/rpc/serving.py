@@ -22,22 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from latentedit.config import ServingOptions
 from latentedit.errors import LatentEditError
 
 log = logging.getLogger(__name__)
 # Health service name that reports the process alive, for Kubernetes liveness probes: it
 # stays SERVING while models load (readiness, under "", is NOT_SERVING then).
 LIVENESS = "liveness"
-
-
-@dataclass
-class ServingOptions:
-    host: str = "[::]"
-    port: int = 0
-    max_workers: int = 16
-    max_concurrent_rpcs: int = 64
-    max_message_bytes: int = 64 * 1024 * 1024
-    grace_period_s: float = 10.0
 
 
 def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from latentedit.config import SERVICE_NAMES, Config
-from latentedit.serving import ServiceHost
+from latentedit.rpc.serving import ServiceHost
 
 log = logging.getLogger(__name__)
 

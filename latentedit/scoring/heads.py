@@ -15,7 +15,7 @@ from latentedit.models.face_geometry import pose_and_mouth
 from latentedit.models.mtcnn import MTCNN
 from latentedit.models.text import TextEmbedder
 from latentedit.repository import Entry
-from latentedit.scoring import FACE_BOX, FACE_SIZE, Batch, Head, HeadResult
+from latentedit.scoring.base import FACE_BOX, FACE_SIZE, Batch, Head, HeadResult
 
 # ---- model loaders (by the scorer-model manifest's "format") --------------------------------
 

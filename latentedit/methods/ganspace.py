@@ -1,0 +1,147 @@
+"""GANSpace-style PCA directions (Härkönen et al., NeurIPS 2020), served as an edit.
+
+PCA of the generator's features at a layer over many samples; each principal component is
+lifted to a unit direction in latent space by least-squares regression of the component's
+coefficients on the latents (the paper's recipe for generators without a style space). An
+edit moves start + d * v_k, like InterFaceGAN along an unsupervised direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from latentedit.artifacts import PCA_KIND, load_tensors, resolve_trained, tensors_writer
+from latentedit.config import EditorConfig
+from latentedit.errors import InvalidArgument
+from latentedit.latents import Latents, RowRange, move
+from latentedit.methods.base import (
+    Editable,
+    Frame,
+    FrameRequest,
+    JobBasics,
+    Method,
+    Progress,
+    Trained,
+    batch_seed,
+    batches,
+    check_count,
+    check_finite,
+    check_frames,
+    job_basics,
+    path_frames,
+)
+from latentedit.repository import Entry, ModelRepository
+from latentedit.world import GeneratorInfo, World
+
+
+@dataclass(frozen=True)
+class PCASpec:
+    basics: JobBasics
+    layer: str
+    space: str = "z"
+    num_samples: int = 2000
+    num_components: int = 10
+
+
+@dataclass(frozen=True)
+class GANSpaceOptions:
+    directions: str
+    component: int = 0
+    start_distance: float = -3.0
+    end_distance: float = 3.0
+    num_frames: int = 8
+    rows: RowRange | None = None
+
+
+@dataclass(frozen=True)
+class PCADirections:
+    directions: np.ndarray  # [K, latent size], unit rows
+    explained_variance: np.ndarray  # [K], share of the feature variance
+    space: str
+
+
+def pca_directions(latents: np.ndarray, features: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """latents [N, D], features [N, F] -> (unit latent directions [K, D], explained variance share [K])."""
+    centred = features.reshape(len(features), -1) - features.reshape(len(features), -1).mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    coefficients = centred @ vt[:components].T  # [N, K]
+    lift, *_ = np.linalg.lstsq(np.c_[latents, np.ones(len(latents))], coefficients, rcond=None)
+    directions = lift[:-1].T  # [K, D]
+    variance = singular**2
+    return ((directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32),
+            (variance[:components] / variance.sum()).astype(np.float32))
+
+
+class GANSpace(Method):
+    name = "ganspace"
+    title = "GANSpace-style PCA"
+    artifact_kind = PCA_KIND
+    jobs = ("pca",)
+
+    def edit_options(self, message, num_frames: int, limits: EditorConfig) -> GANSpaceOptions:
+        check_finite(start_distance=message.start_distance, end_distance=message.end_distance)
+        if message.component < 0:
+            raise InvalidArgument(f"component {message.component} must be >= 0")
+        rows = RowRange(message.rows.start, message.rows.end) if message.HasField("rows") else None
+        return GANSpaceOptions(message.directions, message.component, message.start_distance, message.end_distance,
+                               check_frames(num_frames, limits), rows)
+
+    def prepare(self, repo: ModelRepository, generator: GeneratorInfo, options: GANSpaceOptions) -> PCADirections:
+        entry = resolve_trained(repo, PCA_KIND, "PCA directions", options.directions, generator=generator.name)
+        tensors = load_tensors(entry, "directions")
+        directions = tensors["directions"].numpy()
+        if not 0 <= options.component < len(directions):
+            raise InvalidArgument(f"component {options.component} is out of range: {options.directions!r} has "
+                                  f"{len(directions)} components (0..{len(directions) - 1})")
+        space = entry.manifest.get("space", "z")
+        generator.space(space)
+        return PCADirections(directions, tensors["explained_variance"].numpy(), space)
+
+    def edit(self, world: World, generator: GeneratorInfo, artifact: PCADirections, start: Latents,
+             options: GANSpaceOptions, frames: FrameRequest) -> Iterator[Frame]:
+        direction = artifact.directions[options.component]
+        distances = np.linspace(options.start_distance, options.end_distance, options.num_frames)
+        path = ((move(start, direction, float(d), options.rows), {"distance": float(d)}) for d in distances)
+        return path_frames(world, generator, path, frames, options.num_frames)
+
+    def job_spec(self, kind: str, message, world: World, repo: ModelRepository) -> PCASpec:
+        from latentedit.wire import space_name
+
+        if kind != "pca":
+            return super().job_spec(kind, message, world, repo)
+        basics = job_basics(world, message.generator, message.options, lambda g: f"{g.name}-pca-{message.layer or 'block1'}")
+        layers = [layer.name for layer in basics.generator.spec.layers[1:-1]]
+        layer = message.layer or layers[0]
+        basics.generator.spec.layer_index(layer)  # NOT_FOUND names the layers
+        if layer not in layers:
+            raise InvalidArgument(f"layer {layer!r}: PCA needs an intermediate layer; layers: {', '.join(layers)}")
+        num = check_count(message.num_samples or 2000, "num_samples")
+        components = message.num_components or 10
+        if not 1 <= components <= min(num, 512):
+            raise InvalidArgument(f"num_components {components} must be in 1..{min(num, 512)}")
+        return PCASpec(basics, layer, basics.generator.space(space_name(message.space)).space, num, components)
+
+    def train(self, world: World, spec: PCASpec, progress: Progress) -> Trained:
+        b = spec.basics
+        latents, features = [], []
+        for index, start, count in batches(spec.num_samples, b.batch_size):
+            progress.check()
+            z = world.sample(b.generator, count, batch_seed(b.seed, index), spec.space)
+            latents.append(z.flat())
+            features.append(world.features(b.generator, z, [spec.layer])[spec.layer].reshape(count, -1))
+            progress.report("collecting features", 0.9 * (start + count) / spec.num_samples)
+        progress.check()
+        directions, explained = pca_directions(np.concatenate(latents), np.concatenate(features), spec.num_components)
+        metrics = {"num_samples": float(spec.num_samples), "num_components": float(spec.num_components),
+                   "explained_variance": float(explained.sum())}
+        progress.report("writing the directions", 0.98, metrics)
+        return Trained(PCA_KIND, b.name, b.generator, spec.space, metrics, {"directions": "directions.safetensors"},
+                       tensors_writer("directions.safetensors", {"directions": directions, "explained_variance": explained}),
+                       {"layer": spec.layer}, PCADirections(directions, explained, spec.space))
+
+    def describe(self, entry: Entry) -> Editable:
+        editable = super().describe(entry)
+        return Editable(**{**editable.__dict__, "num_directions": int(editable.metrics.get("num_components", 0))})
