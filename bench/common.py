@@ -77,7 +77,7 @@ def machine() -> str:
 
 def record(section: str, command: str, body: str) -> None:
     """Replace (or append) `section` in bench/RESULTS.md with the command, machine, date and body."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     block = (
         f"<!-- {section}:start -->\n## {section}\n\n"
         f"- command: `{command}`\n- machine: {machine()}\n- date: {stamp}\n\n{body.rstrip()}\n<!-- {section}:end -->\n"

@@ -27,10 +27,10 @@ from generator_svc.backends import BACKEND_NAMES  # noqa: E402
 from generator_svc.pool import GeneratorPool  # noqa: E402
 from latentedit import wire  # noqa: E402
 from latentedit.api.v1 import generator_pb2_grpc, types_pb2  # noqa: E402
-from latentedit.rpc.client import connect, synthesize_request  # noqa: E402
 from latentedit.config import GeneratorConfig, load_config  # noqa: E402
 from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER  # noqa: E402
 from latentedit.repository import ModelRepository  # noqa: E402
+from latentedit.rpc.client import connect, synthesize_request  # noqa: E402
 
 ENCODINGS = {"raw": types_pb2.IMAGE_ENCODING_RAW_UINT8, "png": types_pb2.IMAGE_ENCODING_PNG}
 

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import record, served  # noqa: E402
 from latentedit import wire  # noqa: E402
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, trainer_pb2, trainer_pb2_grpc, types_pb2  # noqa: E402
-from latentedit.rpc.client import connect  # noqa: E402
 from latentedit.config import load_config  # noqa: E402
 from latentedit.repository import ModelRepository  # noqa: E402
+from latentedit.rpc.client import connect  # noqa: E402
 
 ATTRIBUTES = {
     "yaw": ("pose", "yaw", ""),

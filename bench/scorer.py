@@ -23,11 +23,11 @@ sys.path.insert(0, str(ROOT))
 from bench.common import rate, record, served  # noqa: E402
 from latentedit import wire  # noqa: E402
 from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc  # noqa: E402
-from latentedit.rpc.client import connect, score_request  # noqa: E402
 from latentedit.config import load_config  # noqa: E402
 from latentedit.models.generator import sample_latents  # noqa: E402
 from latentedit.models.registry import load_generator  # noqa: E402
 from latentedit.repository import ModelRepository  # noqa: E402
+from latentedit.rpc.client import connect, score_request  # noqa: E402
 from latentedit.scoring.scorer import Scorer  # noqa: E402
 
 

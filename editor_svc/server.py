@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from editor_svc.service import EditorServicer
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc
-from latentedit.rpc.remote_world import Services
 from latentedit.config import Config
 from latentedit.repository import ModelRepository
+from latentedit.rpc.remote_world import Services
 from latentedit.rpc.serving import ServiceHost
 
 SERVICE_NAME = editor_pb2.DESCRIPTOR.services_by_name["EditorService"].full_name

@@ -80,7 +80,7 @@ class DynamicBatcher:
         self,
         rows: np.ndarray,
         timeout_s: float | None = None,
-        on_abandon: Callable[[Callable[[], None]], object] | None = None,
+        on_abandon: Callable[[Callable[[], object]], object] | None = None,
     ) -> dict[str, np.ndarray]:
         """Submit and wait; raises DeadlineExceeded when `timeout_s` passes first.
 

@@ -96,7 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     columns = args.columns or int(np.ceil(np.sqrt(args.count)))
     grid = Image.fromarray(wire.image_grid(images, columns))
     if args.scale > 1:  # 64 px faces are tiny on screen; nearest keeps the real pixels
-        grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.NEAREST)
+        grid = grid.resize((grid.width * args.scale, grid.height * args.scale), Image.Resampling.NEAREST)
     grid.save(out)
     print(f"wrote {out} ({args.count} faces, seed {args.seed}, {where})")
     return 0
@@ -242,8 +242,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from latentedit import wire
     from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, types_pb2
-    from latentedit.rpc.client import connect, wait_serving
     from latentedit.render import write_edit
+    from latentedit.rpc.client import connect, wait_serving
 
     config = _config(args)
     address = args.target or config.address("editor")
@@ -274,7 +274,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
         # Under each face: the distance and the first scalar output of each scored head.
         for head in dict.fromkeys(k.split(".", 1)[0] for k in scores):
             key = next((k for k in scores if k.startswith(head + ".") and scores[k].ndim == 1), None)
-            for n in range(len(images) if key else 0):
+            if key is None:
+                continue
+            for n in range(len(images)):
                 lines[n].append(f"{key.split('.', 1)[1]} {scores[key][n]:.1f}")
         frames.append(images)
         labels.append(lines)

@@ -14,7 +14,6 @@ from typing import Any
 
 import yaml
 
-
 SERVICE_NAMES = ("generator", "scorer", "trainer", "editor")
 @dataclass
 class ServingOptions:

@@ -18,7 +18,7 @@ method's served `edit` on a `LocalWorld`: what is measured here is what the edit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +28,7 @@ from latentedit.conditions import ConditionSpec
 from latentedit.errors import InvalidArgument
 from latentedit.latents import Latents
 from latentedit.methods import interfacegan as ifg
-from latentedit.methods.base import FrameRequest, JobBasics, QuietProgress
+from latentedit.methods.base import Frame, FrameRequest, JobBasics, QuietProgress
 from latentedit.methods.ganspace import GANSpace, GANSpaceOptions, PCADirections, pca_directions
 from latentedit.methods.sgf import SGF, AttributeGoal, MappingSpec, PreparedMapping, SGFOptions, fit_mapping
 from latentedit.world import GeneratorInfo, LocalWorld
@@ -126,7 +126,7 @@ def run_mds(
             changed = (np.abs(s1[:, others] - s0[:, others]) > thresholds[others]).sum(axis=1)
             return float(crossed.mean()), float(np.mean(1 - changed / (len(names) - 1)))
 
-        def linear_edit(edit_at: Callable[[Latents, float], object], strength: float) -> np.ndarray:
+        def linear_edit(edit_at: Callable[[Latents, float], Iterable[Frame]], strength: float) -> np.ndarray:
             """[N, M] scores after moving each sample `strength` toward the other side (two groups, two signs)."""
             s1 = np.empty_like(s0)
             for group, sign in ((up, 1.0), (~up, -1.0)):
@@ -153,6 +153,7 @@ def run_mds(
             log(f"{target:10s} {method:26s} MDS {results[-1].mds:.3f}  {[(round(x, 2), round(y, 2)) for x, y in points]}")
         points = []
         attribute = attributes[target]
+        assert spec.condition.std is not None  # set by fit_mapping
         std = spec.condition.std[a]
         for s in strengths:
             # Target: the attribute moved by s standard deviations, the others held at their values.

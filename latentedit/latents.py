@@ -88,7 +88,7 @@ class Latents:
         return Latents(self.space, self.values[index])
 
 
-def move(start: Latents, direction: np.ndarray, amounts: np.ndarray, rows: RowRange | None = None) -> Latents:
+def move(start: Latents, direction: np.ndarray, amounts: float | np.ndarray, rows: RowRange | None = None) -> Latents:
     """start + amount_i * direction for each sample i (amounts [N] or a scalar).
 
     `direction` is either one latent's full shape (flat size) or, in W+, one w ([dim]) that is

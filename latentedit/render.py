@@ -13,7 +13,7 @@ from latentedit.wire import image_grid
 def _label(image: np.ndarray, lines: list[str], scale: int) -> Image.Image:
     picture = Image.fromarray(image)
     if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     if lines:
         # Text goes in a band under the image, never over the face.
         band = 11 * len(lines) + 3

@@ -9,12 +9,16 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from latentedit.api.v1 import trainer_pb2, types_pb2
 from latentedit.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from latentedit.models.generator import GeneratorSpec
 
 DataType = types_pb2.DataType
 
@@ -210,7 +214,7 @@ def latents_from_proto(message: types_pb2.Latents, spec, field: str = "latents")
     return Latents(space, values)
 
 
-def spec_from_model_info(info) -> object:
+def spec_from_model_info(info) -> GeneratorSpec:
     """generator_pb2.ModelInfo -> GeneratorSpec (what methods need to know about a remote generator)."""
     from latentedit.latents import LatentSpaceSpec
     from latentedit.models.generator import GeneratorSpec, LayerSpec

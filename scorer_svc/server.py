@@ -10,8 +10,8 @@ import torch
 from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc
 from latentedit.config import Config
 from latentedit.repository import ModelRepository
-from latentedit.scoring.scorer import Scorer
 from latentedit.rpc.serving import PeriodicTask, ServiceHost
+from latentedit.scoring.scorer import Scorer
 from scorer_svc.service import ScorerServicer
 
 log = logging.getLogger(__name__)

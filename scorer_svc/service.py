@@ -11,9 +11,9 @@ from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc, types_pb2
 from latentedit.batching import DynamicBatcher
 from latentedit.config import ScorerConfig
 from latentedit.errors import InvalidArgument, ResourceExhausted
+from latentedit.rpc.serving import deadline_seconds
 from latentedit.scoring.base import HeadResult, check_images
 from latentedit.scoring.scorer import Scorer
-from latentedit.rpc.serving import deadline_seconds
 
 HEAD_KINDS = {
     "attribute": scorer_pb2.HEAD_KIND_ATTRIBUTE,
@@ -95,7 +95,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
     def EmbedText(self, request, context):
         texts = list(request.texts)
         if not texts:
-            raise InvalidArgument("texts: empty; send 1 to %d texts" % self.config.max_texts)
+            raise InvalidArgument(f"texts: empty; send 1 to {self.config.max_texts} texts")
         if len(texts) > self.config.max_texts:
             raise ResourceExhausted(f"texts: {len(texts)} texts, more than the limit {self.config.max_texts}; split them")
         embedder = self.scorer.text_embedder()

@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "[checks] ruff (whole tree), mypy (the core library)"
+.venv/bin/ruff check --quiet .
+.venv/bin/mypy --no-error-summary latentedit
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

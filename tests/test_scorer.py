@@ -132,8 +132,8 @@ def test_expression_port_matches_the_original_keras_network(installed_repo):
 
 
 def test_expression_head_is_differentiable(installed_repo):
-    from latentedit.scoring.heads import _load_fer
     from latentedit.models.expression import rgb_to_model_input
+    from latentedit.scoring.heads import _load_fer
 
     net = _load_fer(installed_repo.resolve("fer-emotion"))
     images = torch.full((2, 3, 64, 64), 128.0, requires_grad=True)

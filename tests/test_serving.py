@@ -6,8 +6,8 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc
-from latentedit.errors import FailedPrecondition
 from latentedit.config import ServingOptions
+from latentedit.errors import FailedPrecondition
 from latentedit.rpc.serving import ServiceHost
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc
-from latentedit.rpc.remote_world import CallScope, RemoteWorld, Services
 from latentedit.config import Config
 from latentedit.repository import ModelRepository
+from latentedit.rpc.remote_world import CallScope, RemoteWorld, Services
 from latentedit.rpc.serving import ServiceHost
 from trainer_svc import jobs
 from trainer_svc.runner import JobRunner

@@ -209,10 +209,10 @@ def refresh_spectral_estimates(mapping: AuxiliaryMapping, z: torch.Tensor, c: to
 
 def surrogate_step(mapping: AuxiliaryMapping, z: torch.Tensor, c: torch.Tensor, delta_c: torch.Tensor, order: int) -> torch.Tensor:
     """One Euler step of Algorithm 1: dz = sum_{j=0..m} (dF/dz)^j dF/dc delta_c, by JVPs only."""
-    _, term = jvp(lambda cc: mapping(z, cc), (c,), (delta_c,))
+    term = jvp(lambda cc: mapping(z, cc), (c,), (delta_c,))[1]
     total = term
     for _ in range(order):
-        _, term = jvp(lambda zz: mapping(zz, c), (z,), (term,))
+        term = jvp(lambda zz: mapping(zz, c), (z,), (term,))[1]
         total = total + term
     return total
 
@@ -348,7 +348,7 @@ class SGF(Method):
                 raise InvalidArgument("sgf.attributes.values is empty; name at least one attribute and its target value")
             for value in message.attributes.values:
                 check_finite(**{"sgf.attributes.values": value.value})
-            target = tuple(AttributeGoal(v.attribute.head, v.attribute.output, v.attribute.label, v.attribute.index, float(v.value))
+            target: tuple[AttributeGoal, ...] | KeypointGoal | CaptionGoal = tuple(AttributeGoal(v.attribute.head, v.attribute.output, v.attribute.label, v.attribute.index, float(v.value))
                            for v in message.attributes.values)
         elif kind == "keypoints":
             target = KeypointGoal(wire.from_tensor(message.keypoints.points, field="sgf.keypoints.points", dtypes=wire.FLOAT_DTYPES))
@@ -433,6 +433,8 @@ class SGF(Method):
                 raise InvalidArgument(f"sgf.keypoints.points: shape {list(goal.points.shape)}; this mapping needs [{count}, 2] or "
                                       f"[N={n}, {count}, 2] points in image pixels")
             return (points / condition.image_size).reshape(n, -1).astype(np.float32), np.ones_like(mask)
+        if caption is None:
+            raise InvalidArgument("a caption target needs the caption's embedding")
         return np.broadcast_to(caption, current_raw.shape).astype(np.float32), np.ones_like(mask)
 
     # ---- training ---------------------------------------------------------------------------

@@ -158,12 +158,10 @@ class MTCNN:
     def from_files(cls, folder: Path, **kwargs) -> MTCNN:
         from safetensors.torch import load_file
 
-        nets = []
-        for net_class, name in ((PNet, "pnet"), (RNet, "rnet"), (ONet, "onet")):
-            net = net_class()
+        pnet, rnet, onet = PNet(), RNet(), ONet()
+        for net, name in ((pnet, "pnet"), (rnet, "rnet"), (onet, "onet")):
             net.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
-            nets.append(net)
-        return cls(*nets, **kwargs)
+        return cls(pnet, rnet, onet, **kwargs)
 
     @torch.inference_mode()
     def landmarks_in_box(self, images: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -8,7 +8,8 @@ from pathlib import Path
 from latentedit.errors import FailedPrecondition
 from latentedit.models.dcgan import load_dcgan
 from latentedit.models.generator import StagedGenerator
-from latentedit.models.mapped import ARCHITECTURE as MAPPED_DCGAN, load_mapped_dcgan
+from latentedit.models.mapped import ARCHITECTURE as MAPPED_DCGAN
+from latentedit.models.mapped import load_mapped_dcgan
 from latentedit.repository import Entry
 
 GENERATOR_LOADERS: dict[str, Callable[[Path, dict, str], StagedGenerator]] = {

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentedit.errors import FailedPrecondition, InvalidArgument, NotFound
-from latentedit.repository import Entry, ModelRepository
+from latentedit.errors import FailedPrecondition, InvalidArgument
+from latentedit.repository import Entry
 
 log = logging.getLogger(__name__)
 
