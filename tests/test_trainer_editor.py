@@ -83,7 +83,7 @@ def test_edit_streams_frames_that_move_the_attribute(editor, yaw_boundary):
 def test_edit_from_given_latents_and_from_the_boundary(editor, yaw_boundary):
     z = np.random.default_rng(0).standard_normal((2, 100)).astype(np.float32)
     request = editor_pb2.EditRequest(
-        latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(z)),
+        latents=types_pb2.Latents(space=wire.space_code("z"), values=wire.to_tensor(z)),
         interfacegan=editor_pb2.InterFaceGANEdit(boundary="unit-yaw", start_distance=0, end_distance=0, from_boundary=True),
         num_frames=1, omit_images=True)
     (frame,) = list(editor.Edit(request, timeout=60))
@@ -99,7 +99,7 @@ def test_custom_boundary_from_caller_labels(trainer, suite_in_process):
     z = rng.standard_normal((2000, 100)).astype(np.float32)
     labels = (z[:, 7] > 0).astype(np.int64)  # a known answer: the attribute is latent axis 7
     request = trainer_pb2.StartJobRequest(idempotency_key="custom-7", custom_boundary=trainer_pb2.CustomBoundaryJobSpec(
-        latents=types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(z)),
+        latents=types_pb2.Latents(space=wire.space_code("z"), values=wire.to_tensor(z)),
         labels=wire.to_tensor(labels), attribute_name="axis7", options=trainer_pb2.TrainingOptions(artifact_name="axis7")))
     job = trainer.StartJob(request, timeout=60)
     final = _wait(trainer, job.id)[-1].job
