@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from latentedit.errors import InvalidArgument
+from latentedit.latents import Latents, LatentSpaceSpec
 from latentedit.methods import interfacegan as ifg
 
 
@@ -37,11 +38,12 @@ def test_protocol_recovers_the_true_direction():
 def test_editing_moves_the_attribute_linearly():
     z, score, truth = _toy()
     boundary = ifg.Boundary(truth.astype(np.float32), 0.0)
-    frames = ifg.trajectory(z[:5], boundary.normal, np.linspace(-2, 2, 5))
+    start = Latents(LatentSpaceSpec("z", 20), z[:5])
+    frames = np.stack([f.values for f in ifg.trajectory(start, boundary.normal, np.linspace(-2, 2, 5))])
     assert frames.shape == (5, 5, 20)
     np.testing.assert_allclose(frames[:, 0] @ truth - z[0] @ truth, np.linspace(-2, 2, 5), atol=1e-5)
-    from_boundary = ifg.trajectory(z[:5], boundary.normal, np.array([0.0, 1.5]), boundary=boundary)
-    np.testing.assert_allclose(boundary.distance(from_boundary[1]), 1.5, atol=1e-5)
+    from_boundary = ifg.trajectory(start, boundary.normal, np.array([0.0, 1.5]), boundary=boundary)
+    np.testing.assert_allclose(boundary.distance(from_boundary[1].values), 1.5, atol=1e-5)
 
 
 def test_conditioning_projects_out_every_condition_exactly():

@@ -16,7 +16,7 @@ import numpy as np
 from latentedit.artifacts import PCA_KIND, load_tensors, resolve_trained, tensors_writer
 from latentedit.config import EditorConfig
 from latentedit.errors import InvalidArgument
-from latentedit.latents import Latents, RowRange, move
+from latentedit.latents import Latents, RowRange
 from latentedit.methods.base import (
     Editable,
     Frame,
@@ -33,6 +33,7 @@ from latentedit.methods.base import (
     job_basics,
     path_frames,
 )
+from latentedit.methods.interfacegan import trajectory
 from latentedit.repository import Entry, ModelRepository
 from latentedit.world import GeneratorInfo, World
 
@@ -102,9 +103,9 @@ class GANSpace(Method):
 
     def edit(self, world: World, generator: GeneratorInfo, artifact: PCADirections, start: Latents,
              options: GANSpaceOptions, frames: FrameRequest) -> Iterator[Frame]:
-        direction = artifact.directions[options.component]
         distances = np.linspace(options.start_distance, options.end_distance, options.num_frames)
-        path = ((move(start, direction, float(d), options.rows), {"distance": float(d)}) for d in distances)
+        latents = trajectory(start, artifact.directions[options.component], distances, rows=options.rows)
+        path = ((z, {"distance": float(d)}) for z, d in zip(latents, distances))
         return path_frames(world, generator, path, frames, options.num_frames)
 
     def job_spec(self, kind: str, message, world: World, repo: ModelRepository) -> PCASpec:

@@ -168,16 +168,17 @@ def conditioned_direction(primary: np.ndarray, conditions: list[np.ndarray]) -> 
 
 
 def trajectory(
-    start: np.ndarray,
+    start: Latents,
     direction: np.ndarray,
     distances: np.ndarray,
     boundary: Boundary | None = None,
-) -> np.ndarray:
-    """Latents [F, N, dim] along `direction`: z + d n, or, given `boundary`, its foot point + d n."""
-    z = start.reshape(len(start), -1).astype(np.float32)
-    if boundary is not None:
-        z = z - np.outer(boundary.distance(z), boundary.normal).astype(np.float32)
-    return np.stack([z + np.float32(d) * direction[None, :] for d in distances]).reshape(len(distances), *start.shape)
+    rows: RowRange | None = None,
+) -> list[Latents]:
+    """One Latents per distance along `direction`: z + d n, or, given `boundary`, its foot point + d n.
+
+    With `rows`, only those W+ rows move (a W direction is broadcast over them)."""
+    base = start if boundary is None else move(start, boundary.normal, -boundary.distance_of(start), rows)
+    return [move(base, direction, float(d), rows) for d in distances]
 
 
 def cosine_matrix(normals: list[np.ndarray]) -> np.ndarray:
@@ -315,14 +316,11 @@ class InterFaceGAN(Method):
         boundary = artifact.boundary
         boundary.distance_of(start)  # checks that the boundary fits the latents
         direction = conditioned_direction(boundary.normal, [c.normal for _, c in artifact.conditions])
-        base = start
-        if options.from_boundary:
-            base = move(start, boundary.normal, -boundary.distance_of(start), options.rows)
         distances = np.linspace(options.start_distance, options.end_distance, options.num_frames)
+        path_latents = trajectory(start, direction, distances, boundary if options.from_boundary else None, options.rows)
 
         def path():
-            for distance in distances:
-                latents = move(base, direction, float(distance), options.rows)
+            for distance, latents in zip(distances, path_latents):
                 metrics = {"distance": float(distance), "mean_boundary_distance": float(boundary.distance_of(latents).mean())}
                 for name, condition in artifact.conditions:
                     metrics[f"condition_distance/{name}"] = float(condition.distance_of(latents).mean())
