@@ -13,8 +13,6 @@ import numpy as np
 
 from latentedit.errors import InvalidArgument
 
-SPACE_NAMES = ("z", "w", "w+")
-
 
 @dataclass(frozen=True)
 class LatentSpaceSpec:
