@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "[checks] ruff (whole tree), mypy (the core library)"
+echo "[checks] ruff (whole tree), mypy (the core library), buf breaking (against the released API)"
 .venv/bin/ruff check --quiet .
 .venv/bin/mypy --no-error-summary latentedit
+.venv/bin/buf breaking --against protos/released/v1.binpb
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -42,3 +42,26 @@ def test_every_rpc_of_the_design_is_in_the_contract():
     assert job_kinds == {kind for m in METHODS.values() for kind in m.jobs} | set(PLANNED_JOBS)
     sgf_targets = {f.name for f in editor_pb2.SGFEdit.DESCRIPTOR.oneofs_by_name["target"].fields}
     assert sgf_targets == {"attributes", "keypoints", "caption"}
+
+
+def test_buf_breaking_accepts_the_contract_and_refuses_a_removed_field(tmp_path):
+    """The CI check against the released image passes today and would catch a client-breaking change."""
+    import shutil
+
+    buf = Path(sys.executable).parent / "buf"
+    released = ROOT / "protos" / "released" / "v1.binpb"
+    result = subprocess.run([str(buf), "breaking", "--against", str(released)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # A copy of the module with one released field deleted must be refused, naming it.
+    shutil.copy(ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    shutil.copytree(ROOT / "protos" / "latentedit", tmp_path / "protos" / "latentedit")
+    editor_proto = tmp_path / "protos" / "latentedit" / "v1" / "editor.proto"
+    text = editor_proto.read_text()
+    lines = [line for line in text.splitlines() if not line.strip().startswith("int32 num_frames")]
+    assert len(lines) == len(text.splitlines()) - 1, "editor.proto no longer has one num_frames field; update this test"
+    editor_proto.write_text("\n".join(lines) + "\n")
+    broken = subprocess.run([str(buf), "breaking", "--against", str(released)], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert broken.returncode != 0
+    assert "num_frames" in broken.stdout + broken.stderr
