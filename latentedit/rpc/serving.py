@@ -50,8 +50,38 @@ def _abort_for(exc: BaseException, context: grpc.ServicerContext, method: str) -
     context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}; see the server log")
 
 
+class CallCounter:
+    """How many RPCs are inside this server's handlers: the shutdown log says how many it
+    drains, and callers (tests, operators) can wait for a server to go idle."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.in_flight = 0
+        self.started = 0
+
+    def enter(self) -> None:
+        with self._changed:
+            self.in_flight += 1
+            self.started += 1
+            self._changed.notify_all()
+
+    def leave(self) -> None:
+        with self._changed:
+            self.in_flight -= 1
+            self._changed.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no call is inside a handler; False if `timeout_s` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.in_flight == 0, timeout_s)
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    """Maps LatentEditError to its status code and anything else to INTERNAL, for every RPC."""
+    """Maps LatentEditError to its status code and anything else to INTERNAL, for every RPC,
+    and counts the calls inside handlers."""
+
+    def __init__(self, calls: CallCounter | None = None) -> None:
+        self.calls = calls or CallCounter()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -68,29 +98,34 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, method))
         return handler
 
-    @staticmethod
-    def _wrap_unary(fn: Callable, method: str) -> Callable:
+    def _wrap_unary(self, fn: Callable, method: str) -> Callable:
         @functools.wraps(fn)
         def wrapper(request, context):
+            self.calls.enter()
             try:
                 return fn(request, context)
             except Exception as exc:
                 if _already_aborted(context):
                     raise
                 _abort_for(exc, context, method)
+            finally:
+                self.calls.leave()
 
         return wrapper
 
-    @staticmethod
-    def _wrap_stream(fn: Callable, method: str) -> Callable:
+    def _wrap_stream(self, fn: Callable, method: str) -> Callable:
         @functools.wraps(fn)
         def wrapper(request, context) -> Iterator:
+            self.calls.enter()
             try:
                 yield from fn(request, context)
             except Exception as exc:
                 if _already_aborted(context):
                     raise
                 _abort_for(exc, context, method)
+            finally:
+                # Also when gRPC drops the stream after a cancel or a passed deadline.
+                self.calls.leave()
 
         return wrapper
 
@@ -100,9 +135,10 @@ class ServiceHost:
 
     def __init__(self, options: ServingOptions) -> None:
         self.options = options
+        self.calls = CallCounter()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=[ErrorMappingInterceptor(self.calls)],
             options=channel_options(options.max_message_bytes),
             maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         )
@@ -153,7 +189,8 @@ class ServiceHost:
 
     def stop(self, grace_s: float | None = None) -> None:
         grace = self.options.grace_period_s if grace_s is None else grace_s
-        log.info("%s shutting down: health NOT_SERVING, %.1f s grace for calls in flight", self._label(), grace)
+        log.info("%s shutting down: health NOT_SERVING, %.1f s grace for %d call(s) in flight", self._label(), grace,
+                 self.calls.in_flight)
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         for callback in self._on_shutdown:
