@@ -8,6 +8,7 @@ each frame back as soon as the method yields it. No method math lives here.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -52,6 +53,37 @@ def frame_to_proto(frame: Frame, encoding: int) -> editor_pb2.EditFrame:
     return message
 
 
+class InversionStats:
+    """Inversions whose optimisation is running here (worker threads), and the steps taken.
+
+    The worker outlives its RPC until it notices the caller has gone; these let operators and
+    tests see that it stops."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.running = 0
+        self.steps = 0
+
+    def started(self) -> None:
+        with self._changed:
+            self.running += 1
+
+    def step_done(self) -> None:
+        with self._changed:
+            self.steps += 1
+            self._changed.notify_all()
+
+    def finished(self) -> None:
+        with self._changed:
+            self.running -= 1
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[InversionStats], bool], timeout_s: float) -> bool:
+        """Block until `predicate(self)` holds; False if `timeout_s` passed first."""
+        with self._changed:
+            return self._changed.wait_for(lambda: predicate(self), timeout_s)
+
+
 class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
     def __init__(self, repo: ModelRepository, config: EditorConfig, services: Services) -> None:
         self.repo = repo
@@ -59,6 +91,7 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
         self.services = services
         # Invert needs gradients through the generator, which no RPC carries: it runs here.
         self._local = LocalWorld(repo, config.default_generator)
+        self.inversions = InversionStats()
 
     def _world(self, context: grpc.ServicerContext, what: str) -> RemoteWorld:
         return RemoteWorld(self.services, CallScope.for_rpc(context, self.config.call_timeout_s, what))
@@ -102,12 +135,19 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
     def Invert(self, request, context):
         generator = self._local.generator(request.generator.name, request.generator.version)
         space = generator.space(wire.space_name(request.space))
+        if not request.HasField("images"):
+            raise InvalidArgument("images: no images given; send raw uint8 [N, H, W, 3] or PNG files")
         images = wire.decode_images(request.images, field="images")
         if len(images) > self.config.max_batch:
             raise ResourceExhausted(f"images: {len(images)} images, more than the limit {self.config.max_batch}")
+        if min(images.shape[1:3]) < 1:
+            raise InvalidArgument(f"images: size {images.shape[2]}x{images.shape[1]} has no pixels")
         steps = request.steps or 300
         if not 1 <= steps <= self.config.max_invert_steps:
             raise InvalidArgument(f"steps {steps} must be in 1..{self.config.max_invert_steps}")
+        report_every = request.report_every or 10
+        if report_every < 1:
+            raise InvalidArgument(f"report_every {report_every} must be at least 1 (0: every 10 steps)")
         rate = request.learning_rate or 0.1
         if not 0 < rate <= 1:
             raise InvalidArgument(f"learning_rate {rate:g} must be in (0, 1]")
@@ -120,7 +160,11 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
         updates: list[editor_pb2.InvertProgress] = []
 
         def progress(step: int, errors: np.ndarray) -> bool:
-            updates.append(editor_pb2.InvertProgress(step=step, total_steps=steps, reconstruction_error=wire.to_tensor(errors)))
+            # Called after every step, so a caller that has gone (cancel, deadline) stops the
+            # optimisation at once, however rarely it asked for progress.
+            self.inversions.step_done()
+            if step % report_every == 0 or step == steps:
+                updates.append(editor_pb2.InvertProgress(step=step, total_steps=steps, reconstruction_error=wire.to_tensor(errors)))
             return context.is_active()
 
         # Optimisation runs in a worker thread; progress messages go out as they are produced.
@@ -128,11 +172,13 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
 
         def work() -> None:
             try:
-                result["out"] = invert(model, space, targets, steps, rate, int(request.seed),
-                                       report_every=request.report_every or 10, progress=progress)
+                result["out"] = invert(model, space, targets, steps, rate, int(request.seed), report_every=1, progress=progress)
             except Exception as exc:  # noqa: BLE001 - re-raised in the RPC thread, where the interceptor maps it
                 result["error"] = exc
+            finally:
+                self.inversions.finished()
 
+        self.inversions.started()
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         sent = 0
