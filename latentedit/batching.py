@@ -4,6 +4,8 @@ A worker thread takes the first waiting request, then keeps collecting until the
 `max_batch_size` rows or `max_queue_delay` has passed since that first request, runs the
 batch once and hands every caller its own rows. The queue is bounded in rows: a request that
 would overflow it is refused at once (ResourceExhausted) instead of growing latency unbounded.
+A request cancelled while it waits leaves the queue at once: it is never computed and holds no
+room that a live request could use.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 BatchFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a cancelled request is removed from the queue by identity
 class _Pending:
     rows: np.ndarray
     future: Future = field(default_factory=Future)
@@ -37,6 +39,8 @@ class BatcherStats:
     batches: int = 0
     rows: int = 0
     largest_batch: int = 0
+    # Rows of requests cancelled (caller gone, deadline passed) before the backend saw them.
+    dropped_rows: int = 0
 
 
 class DynamicBatcher:
@@ -61,6 +65,12 @@ class DynamicBatcher:
         self._worker = threading.Thread(target=self._loop, name=name, daemon=True)
         self._worker.start()
 
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for the worker (not counting the batch it is running)."""
+        with self._cond:
+            return self._queued_rows
+
     def submit(self, rows: np.ndarray) -> Future:
         """Queue `rows` (first axis = batch); the future resolves to this request's outputs."""
         with self._cond:
@@ -74,6 +84,7 @@ class DynamicBatcher:
             self._queue.append(pending)
             self._queued_rows += len(rows)
             self._cond.notify()
+        pending.future.add_done_callback(lambda future: self._forget(pending) if future.cancelled() else None)
         return pending.future
 
     def run(
@@ -90,19 +101,23 @@ class DynamicBatcher:
         future = self.submit(rows)
         if on_abandon is not None:
             on_abandon(future.cancel)
-        try:
-            return future.result(timeout=timeout_s)
-        except FutureTimeout as exc:
-            future.cancel()  # the worker skips it if it has not started yet
-            raise DeadlineExceeded(f"no result within the deadline ({timeout_s:.3f} s left when queued)") from exc
-        except CancelledError as exc:
-            raise Cancelled("the caller cancelled the request") from exc
+        return result_within(future, timeout_s)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._worker.join(timeout=5)
+
+    def _forget(self, pending: _Pending) -> None:
+        """Drop a cancelled request that is still queued (the worker skips one it already took)."""
+        with self._cond:
+            try:
+                self._queue.remove(pending)
+            except ValueError:
+                return
+            self._queued_rows -= len(pending.rows)
+            self.stats.dropped_rows += len(pending.rows)
 
     def _take_batch(self) -> list[_Pending]:
         with self._cond:
@@ -128,6 +143,8 @@ class DynamicBatcher:
                 if nxt.future.set_running_or_notify_cancel():
                     batch.append(nxt)
                     rows += len(nxt.rows)
+                else:
+                    self.stats.dropped_rows += len(nxt.rows)
             return batch
 
     def _loop(self) -> None:
@@ -152,3 +169,14 @@ class DynamicBatcher:
                 stop = start + len(pending.rows)
                 pending.future.set_result({k: v[start:stop] for k, v in outputs.items()})
                 start = stop
+
+
+def result_within(future: Future, timeout_s: float | None) -> dict[str, np.ndarray]:
+    """A submitted request's outputs; DeadlineExceeded (and the request dropped) when `timeout_s` passes first."""
+    try:
+        return future.result(timeout=timeout_s)
+    except FutureTimeout as exc:
+        future.cancel()  # leaves the queue if the worker has not taken it yet
+        raise DeadlineExceeded(f"no result within the deadline ({timeout_s:.3f} s left when queued)") from exc
+    except CancelledError as exc:
+        raise Cancelled("the caller cancelled the request") from exc

@@ -1,7 +1,6 @@
 """Dynamic batcher: concurrent requests share a batch; the queue is bounded."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,22 +16,27 @@ def test_concurrent_requests_are_batched_and_answered_with_their_own_rows():
         calls.append(len(rows))
         return {"y": rows * 2}
 
-    batcher = DynamicBatcher(double, max_batch_size=64, max_queue_delay_s=0.2, max_queue_rows=1000)
-    results = {}
+    # The batch runs as soon as it holds all 8 callers' 32 rows; the long delay only bounds a
+    # caller that never arrives, so batching does not depend on how fast the threads start.
+    batcher = DynamicBatcher(double, max_batch_size=32, max_queue_delay_s=30, max_queue_rows=1000)
+    results, errors = {}, []
 
     def call(i):
-        results[i] = batcher.run(np.full((4, 1), i, np.float32), timeout_s=10)["y"]
+        try:
+            results[i] = batcher.run(np.full((4, 1), i, np.float32), timeout_s=60)["y"]
+        except Exception as exc:  # noqa: BLE001 - asserted in the main thread
+            errors.append(exc)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(90)
     batcher.close()
+    assert not errors and not any(t.is_alive() for t in threads), errors
     for i in range(8):
         np.testing.assert_array_equal(results[i], np.full((4, 1), 2 * i))
-    assert sum(calls) == 32
-    assert max(calls) > 4, f"no two requests shared a batch: {calls}"
+    assert calls == [32], f"the 8 callers' rows did not run as one batch: {calls}"
 
 
 def test_batches_never_exceed_the_limit_except_single_large_requests():
@@ -54,17 +58,53 @@ def test_batches_never_exceed_the_limit_except_single_large_requests():
     assert all(c <= 10 for c in calls if c != 25)
 
 
+def _held_backend():
+    """A batch function that signals when it is entered and runs only once released."""
+    entered, release = threading.Event(), threading.Event()
+
+    def run(rows):
+        entered.set()
+        if not release.wait(30):  # reaches the waiters through their futures
+            raise TimeoutError("the test never released the batch")
+        return {"y": rows}
+
+    return run, entered, release
+
+
 def test_full_queue_is_refused_not_grown():
-    gate = threading.Event()
-    batcher = DynamicBatcher(lambda r: (gate.wait(5), {"y": r})[1], max_batch_size=4, max_queue_delay_s=0, max_queue_rows=8)
-    first = batcher.submit(np.zeros((4, 1)))  # taken by the worker, blocked on the gate
-    time.sleep(0.1)
-    batcher.submit(np.zeros((8, 1)))
-    with pytest.raises(ResourceExhausted, match="queue full"):
+    run, entered, release = _held_backend()
+    batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0, max_queue_rows=8)
+    first = batcher.submit(np.zeros((4, 1)))
+    assert entered.wait(10), "the worker never took the first batch"
+    waiting = batcher.submit(np.zeros((8, 1)))  # fills the queue exactly
+    with pytest.raises(ResourceExhausted, match="queue full: 8 rows waiting, limit 8"):
         batcher.submit(np.zeros((1, 1)))
-    gate.set()
-    first.result(5)
+    release.set()
+    assert len(first.result(10)["y"]) == 4 and len(waiting.result(10)["y"]) == 8
     batcher.close()
+
+
+def test_a_cancelled_request_frees_its_queue_room_at_once():
+    run, entered, release = _held_backend()
+    seen = []
+
+    def record(rows):
+        seen.append(len(rows))
+        return run(rows)
+
+    batcher = DynamicBatcher(record, max_batch_size=8, max_queue_delay_s=0, max_queue_rows=8)
+    first = batcher.submit(np.zeros((1, 1)))
+    assert entered.wait(10), "the worker never took the first batch"
+    abandoned = batcher.submit(np.zeros((8, 1)))
+    assert batcher.queued_rows == 8
+    abandoned.cancel()
+    assert batcher.queued_rows == 0, "a cancelled request still holds queue room"
+    assert batcher.stats.dropped_rows == 8
+    replacement = batcher.submit(np.zeros((5, 1)))  # refused if the dead request still held the room
+    release.set()
+    assert len(first.result(10)["y"]) == 1 and len(replacement.result(10)["y"]) == 5
+    batcher.close()
+    assert seen == [1, 5], f"the cancelled request reached the backend: batches {seen}"
 
 
 def test_errors_reach_every_caller_in_the_batch():
@@ -89,33 +129,38 @@ def test_deadline_is_reported():
 
 
 def test_an_abandoned_request_is_dropped_before_it_runs():
-    gate = threading.Event()
+    run, entered, release = _held_backend()
     seen = []
 
     def record(rows):
-        gate.wait(5)
         seen.append(rows[:, 0].tolist())
-        return {"y": rows}
+        return run(rows)
 
     batcher = DynamicBatcher(record, max_batch_size=1, max_queue_delay_s=0, max_queue_rows=100)
     blocker = batcher.submit(np.zeros((1, 1)))  # occupies the worker
-    time.sleep(0.1)
+    assert entered.wait(10), "the worker never took the first batch"
     callbacks = []
+    registered = threading.Event()
     caller_error = []
+
+    def on_abandon(callback):  # what gRPC's context.add_callback does: keep it for the RPC's end
+        callbacks.append(callback)
+        registered.set()
 
     def call():
         try:
-            batcher.run(np.ones((1, 1)), timeout_s=5, on_abandon=callbacks.append)
-        except Exception as exc:  # noqa: BLE001
+            batcher.run(np.ones((1, 1)), timeout_s=30, on_abandon=on_abandon)
+        except Exception as exc:  # noqa: BLE001 - asserted in the main thread
             caller_error.append(exc)
 
     caller = threading.Thread(target=call)
     caller.start()
-    time.sleep(0.1)
+    assert registered.wait(10), "run() never registered its abandon callback"
     callbacks[0]()  # the RPC ended: gRPC runs the registered callback
-    caller.join(5)
-    gate.set()
-    blocker.result(5)
+    caller.join(10)
+    release.set()
+    blocker.result(10)
     batcher.close()
+    assert not caller.is_alive(), "the abandoned caller was not released"
     assert seen == [[0.0]], "the abandoned request must not reach the backend"
-    assert type(caller_error[0]).__name__ == "Cancelled"
+    assert [type(e).__name__ for e in caller_error] == ["Cancelled"]
