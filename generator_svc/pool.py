@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,19 +92,33 @@ class LoadedGenerator:
         timeout_s: float,
         on_abandon: Callable[[Callable[[], None]], object] | None = None,
     ) -> dict[str, np.ndarray]:
+        """Run `x` in the batcher of this path and wait (DeadlineExceeded after `timeout_s`)."""
+        return self._batcher(backend, from_layer, to_layers).run(x, timeout_s, on_abandon)
+
+    def submit(self, backend: GeneratorBackend, x: np.ndarray, from_layer: str, to_layers: Sequence[str]) -> Future:
+        """Queue `x` in the batcher of this path without waiting (see `batching.result_within`)."""
+        return self._batcher(backend, from_layer, to_layers).submit(x)
+
+    def batcher(self, backend_kind: int, from_layer: str, to_layers: Sequence[str]) -> DynamicBatcher | None:
+        """The batcher of one path once a request has used it (its stats and queue are observable)."""
+        with self._lock:
+            return self._batchers.get((backend_kind, from_layer, tuple(to_layers)))
+
+    def _batcher(self, backend: GeneratorBackend, from_layer: str, to_layers: Sequence[str]) -> DynamicBatcher:
         key = (backend.kind, from_layer, tuple(to_layers))
         with self._lock:
             batcher = self._batchers.get(key)
             if batcher is None:
+                layers = list(to_layers)
                 batcher = DynamicBatcher(
-                    lambda rows: backend.run(rows, from_layer, to_layers),
+                    lambda rows: backend.run(rows, from_layer, layers),
                     max_batch_size=self.config.max_batch_size,
                     max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
                     max_queue_rows=self.config.max_queue_rows,
                     name=f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}",
                 )
                 self._batchers[key] = batcher
-        return batcher.run(x, timeout_s, on_abandon)
+            return batcher
 
     def warm_up(self) -> None:
         """One small batch through every backend so the first real call pays no set-up cost."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -17,8 +18,21 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 
 
+@dataclass(frozen=True)
+class GeneratorServer:
+    host: ServiceHost
+    pool: GeneratorPool
+    servicer: GeneratorServicer
+
+
 def build(config: Config) -> tuple[ServiceHost, GeneratorPool]:
     """Start listening (NOT_SERVING), load and warm every generator, then report SERVING."""
+    server = start(config)
+    return server.host, server.pool
+
+
+def start(config: Config) -> GeneratorServer:
+    """As `build`, also handing back the servicer (its stream statistics)."""
     if config.generator.threads:
         torch.set_num_threads(config.generator.threads)
     host = ServiceHost(config.services["generator"])
@@ -33,4 +47,4 @@ def build(config: Config) -> tuple[ServiceHost, GeneratorPool]:
         log.warning("no generator in %s: run `latentedit models install`; NOT_SERVING until one appears", config.repository)
     host.set_serving(bool(loaded))
     pool.start_polling(on_refresh=lambda models: host.set_serving(bool(models)))
-    return host, pool
+    return GeneratorServer(host, pool, servicer)

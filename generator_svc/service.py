@@ -6,15 +6,17 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from generator_svc.backends import GeneratorBackend
 from generator_svc.pool import GeneratorPool, LoadedGenerator
 from latentedit import wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2
+from latentedit.batching import result_within
 from latentedit.errors import InvalidArgument, ResourceExhausted
 from latentedit.latents import Latents, LatentSpaceSpec
 from latentedit.models.generator import IMAGE_LAYER
@@ -22,8 +24,10 @@ from latentedit.rpc.serving import deadline_seconds
 
 log = logging.getLogger(__name__)
 
-# Requests a single SynthesizeStream may have in flight before the server stops reading.
+# Requests a single SynthesizeStream may have read and not yet answered: the server stops
+# reading there until the client takes an answer (back-pressure).
 STREAM_WINDOW = 8
+_END = object()  # the reader's last item: no more answers will follow
 
 
 def model_info(loaded: LoadedGenerator, versions: list[int]) -> generator_pb2.ModelInfo:
@@ -69,7 +73,9 @@ class _SynthesisJob:
 class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
     def __init__(self, pool: GeneratorPool) -> None:
         self.pool = pool
-        self._stream_executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="synth-stream")
+        self.stream_stats = StreamStats()
+        self._streams: set[_StreamReader] = set()
+        self._streams_lock = threading.Lock()
 
     # ---- RPCs -----------------------------------------------------------------------------
 
@@ -92,28 +98,34 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return self._answer(request, context)
 
     def SynthesizeStream(self, request_iterator, context) -> Iterator[generator_pb2.SynthesizeResponse]:
-        # Read ahead so that requests of one stream batch together, answering in order.
-        pending: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
-        done = object()
+        stream = _StreamReader(self, request_iterator)
+        with self._streams_lock:
+            self._streams.add(stream)
+        # The RPC ending for any reason (client cancel, deadline, shutdown) stops the reader
+        # and drops the stream's queued work, even if gRPC never resumes this generator.
+        if not context.add_callback(lambda: self._end_stream(stream)):
+            self._end_stream(stream)
+        stream.start()
+        try:
+            while True:
+                item = stream.answers.get()
+                if item is _END:
+                    return
+                if isinstance(item, grpc.RpcError):
+                    return  # the client went away mid-stream: nobody to answer
+                if isinstance(item, BaseException):
+                    raise item
+                request, job, future = item
+                outputs = result_within(future, deadline_seconds(context))
+                yield self._finish(job, request, outputs)
+                stream.answered(future)
+        finally:
+            self._end_stream(stream)
 
-        def reader() -> None:
-            try:
-                for request in request_iterator:
-                    if not context.is_active():
-                        break
-                    pending.put(self._stream_executor.submit(self._answer, request, context))
-            except Exception as exc:  # noqa: BLE001 - e.g. the client went away mid-stream
-                failed: Future = Future()
-                failed.set_exception(exc)
-                pending.put(failed)
-            pending.put(done)
-
-        threading.Thread(target=reader, name="synth-stream-reader", daemon=True).start()
-        while True:
-            item = pending.get()
-            if item is done:
-                return
-            yield item.result()
+    def _end_stream(self, stream: _StreamReader) -> None:
+        stream.stop()
+        with self._streams_lock:
+            self._streams.discard(stream)
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -189,4 +201,107 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return response
 
     def close(self) -> None:
-        self._stream_executor.shutdown(wait=False, cancel_futures=True)
+        """Stop every open stream's reader and drop its queued work."""
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.stop()
+
+
+class StreamStats:
+    """What the SynthesizeStream readers of one servicer have done (for operators and tests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests_read = 0
+        # Readers waiting right now for their client to take answers before they read on.
+        self.readers_waiting = 0
+        # The most requests one stream has had read and not yet answered.
+        self.largest_read_ahead = 0
+
+    def read_one(self, read_ahead: int) -> None:
+        with self._lock:
+            self.requests_read += 1
+            self.largest_read_ahead = max(self.largest_read_ahead, read_ahead)
+
+    def reader_waits(self, change: int) -> None:
+        with self._lock:
+            self.readers_waiting += change
+
+
+class _StreamReader:
+    """The reading side of one SynthesizeStream.
+
+    A thread reads up to STREAM_WINDOW requests ahead of the answers and queues each in its
+    batcher as soon as it is read, so one stream's requests batch together; `answers` hands
+    them back in request order. `stop` (the RPC ended, the response generator finished, the
+    service is shutting down) ends the thread and cancels the stream's queued requests, so
+    nothing more is computed for a stream nobody reads.
+    """
+
+    def __init__(self, servicer: GeneratorServicer, requests: Iterator) -> None:
+        self._servicer = servicer
+        self._stats = servicer.stream_stats
+        self._requests = requests
+        self._changed = threading.Condition()
+        self._unanswered = 0
+        self._queued: set[Future] = set()
+        self._stopped = False
+        self.answers: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._read, name="synth-stream-reader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._changed:
+            if self._stopped:
+                return
+            self._stopped = True
+            queued, self._queued = self._queued, set()
+            self._changed.notify_all()
+        for future in queued:
+            future.cancel()  # a request the batcher has not started leaves its queue
+
+    def answered(self, future: Future) -> None:
+        """The answer to one request has gone out: room to read one more."""
+        with self._changed:
+            self._queued.discard(future)
+            self._unanswered -= 1
+            self._changed.notify_all()
+
+    def _read(self) -> None:
+        try:
+            while self._reserve_room():
+                try:
+                    request = next(self._requests)
+                except StopIteration:
+                    return
+                with self._changed:
+                    self._stats.read_one(self._unanswered)
+                job = self._servicer._prepare(request)
+                future = job.loaded.submit(job.backend, job.inputs, job.from_layer, job.to_layers)
+                with self._changed:
+                    if self._stopped:
+                        future.cancel()
+                        return
+                    self._queued.add(future)
+                self.answers.put((request, job, future))
+        except Exception as exc:  # noqa: BLE001 - a bad request, or the client went away: the stream ends with it
+            self.answers.put(exc)
+        finally:
+            self.answers.put(_END)
+
+    def _reserve_room(self) -> bool:
+        """Wait until fewer than STREAM_WINDOW requests are unanswered; False once stopped."""
+        with self._changed:
+            if self._unanswered >= STREAM_WINDOW and not self._stopped:
+                self._stats.reader_waits(+1)
+                try:
+                    self._changed.wait_for(lambda: self._stopped or self._unanswered < STREAM_WINDOW)
+                finally:
+                    self._stats.reader_waits(-1)
+            if self._stopped:
+                return False
+            self._unanswered += 1
+            return True

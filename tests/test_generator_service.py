@@ -2,16 +2,134 @@
 
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from generator_svc.backends import GeneratorBackend
+from generator_svc.service import STREAM_WINDOW
 from latentedit import wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2
+from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER
+from latentedit.rpc.serving import channel_options
 
 MODEL = types_pb2.ModelRef(name="dcgan-faces")
+READER_THREAD = "synth-stream-reader"
+
+
+def wait_until(condition: Callable[[], bool], describe: Callable[[], str], timeout_s: float = 30.0,
+               interval_s: float = 0.005) -> None:
+    """Poll a server-side condition until it holds; fail with `describe()` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(describe())
+        time.sleep(interval_s)
+
+
+class HeldBackend(GeneratorBackend):
+    """The real torch backend behind a gate: records each batch that reaches it and holds it
+    until the test releases the gate, so what queues behind it is up to the test, not timing."""
+
+    def __init__(self, inner: GeneratorBackend) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.released = threading.Event()
+        self._changed = threading.Condition()
+        self.batches: list[int] = []  # rows of every batch that reached the backend, in order
+        self.finished = 0
+
+    def supports(self, from_layer, to_layers):
+        return self.inner.supports(from_layer, to_layers)
+
+    def run(self, x, from_layer, to_layers):
+        with self._changed:
+            self.batches.append(len(x))
+            self._changed.notify_all()
+        if not self.released.wait(60):  # reaches the callers as an error, never hangs the worker
+            raise TimeoutError("the test never released the backend")
+        try:
+            return self.inner.run(x, from_layer, to_layers)
+        finally:
+            with self._changed:
+                self.finished += 1
+                self._changed.notify_all()
+
+    def wait_for_batches(self, count: int, timeout_s: float = 30.0) -> None:
+        with self._changed:
+            reached = self._changed.wait_for(lambda: len(self.batches) >= count, timeout_s)
+        assert reached, f"{count} batch(es) should have reached the backend; saw {self.batches}"
+
+    def wait_for_finished(self, count: int, timeout_s: float = 30.0) -> None:
+        with self._changed:
+            reached = self._changed.wait_for(lambda: self.finished >= count, timeout_s)
+        assert reached, f"{count} batch(es) should have finished; {self.finished} did"
+
+
+@dataclass
+class HeldServer:
+    stub: generator_pb2_grpc.GeneratorServiceStub
+    backend: HeldBackend
+    loaded: object
+    servicer: object
+
+    @property
+    def batcher(self):
+        """The torch latents -> image batcher (fresh with this server)."""
+        batcher = self.loaded.batcher(types_pb2.BACKEND_TORCH, INPUT_LAYER, [IMAGE_LAYER])
+        assert batcher is not None, "no request has reached the torch batcher yet"
+        return batcher
+
+
+@pytest.fixture
+def held_server(installed_repo):
+    """Makes fresh generator services whose torch backend holds every batch until released."""
+    from generator_svc.server import start
+    from tests.conftest import make_config
+
+    started = []
+
+    def make(**generator_overrides) -> HeldServer:
+        server = start(make_config(installed_repo, **generator_overrides))
+        loaded = server.pool.get("dcgan-faces")
+        # Batchers bind their backend when first used: nothing has used torch since start-up.
+        backend = loaded.backends[types_pb2.BACKEND_TORCH] = HeldBackend(loaded.backends[types_pb2.BACKEND_TORCH])
+        channel = grpc.insecure_channel(f"localhost:{server.host.port}", options=channel_options())
+        started.append((server, backend, channel))
+        return HeldServer(generator_pb2_grpc.GeneratorServiceStub(channel), backend, loaded, server.servicer)
+
+    yield make
+    for server, backend, channel in started:
+        backend.released.set()
+        channel.close()
+        server.host.stop(0)
+
+
+def _torch_request(array, request_id=""):
+    return generator_pb2.SynthesizeRequest(
+        model=MODEL, latents=_latents(array), backend=types_pb2.BACKEND_TORCH, request_id=request_id
+    )
+
+
+def _z(seed, rows):
+    return np.random.default_rng(seed).standard_normal((rows, 100)).astype(np.float32)
+
+
+def _assert_images_of(held: HeldServer, z, response):
+    """The response carries the images of exactly these latents (run alone, in this process)."""
+    alone = wire.float_to_uint8_images(held.backend.inner.run(z, INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER])
+    got = wire.decode_images(response.images)
+    assert got.shape == alone.shape
+    # Batched and lone runs may round a pixel differently by one level.
+    assert np.abs(got.astype(int) - alone.astype(int)).max() <= 1
+
+
+def _reader_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == READER_THREAD}
 
 
 @pytest.fixture(scope="module")
@@ -110,26 +228,93 @@ def test_synthesize_stream_answers_each_request_in_order(stub):
         np.testing.assert_array_equal(wire.decode_images(response.images), expected)
 
 
-def test_concurrent_callers_share_batches(stub, generator_server):
-    _, pool = generator_server
-    loaded = pool.get("dcgan-faces")
-    errors = []
+def _counted_requests(count: int, pulled: list[int]):
+    """A client's request stream of 1-row requests r0, r1, ...; `pulled[0]` counts what gRPC took."""
+    for i in range(count):
+        pulled[0] += 1
+        yield _torch_request(_z(i, 1), f"r{i}")
 
-    def call(seed):
-        try:
-            z = np.random.default_rng(seed).standard_normal((2, 100)).astype(np.float32)
-            _synthesize(stub, z, backend=types_pb2.BACKEND_TORCH)
-        except Exception as exc:  # noqa: BLE001
-            errors.append(exc)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    stats = [b.stats for key, b in loaded._batchers.items() if key[0] == types_pb2.BACKEND_TORCH and key[1] == "input"]
-    assert stats and max(s.largest_batch for s in stats) > 2
+def test_a_streams_requests_batch_together_and_answer_in_order(held_server):
+    held = held_server()
+    latents = [_z(seed, 2) for seed in range(6)]
+    assert len(latents) <= STREAM_WINDOW
+    requests = [_torch_request(z, f"r{i}") for i, z in enumerate(latents)]
+    stream = held.stub.SynthesizeStream(iter(requests), timeout=60)
+    held.backend.wait_for_batches(1)
+    running = held.backend.batches[0]  # the first request, or more if they arrived together
+    wait_until(lambda: held.batcher.queued_rows == 12 - running,
+               lambda: f"the stream's later requests ({12 - running} rows) should be read ahead and queued while "
+                       f"the first batch runs; {held.batcher.queued_rows} rows are")
+    held.backend.released.set()
+    responses = list(stream)
+    assert [r.request_id for r in responses] == [f"r{i}" for i in range(6)]
+    for z, response in zip(latents, responses):
+        _assert_images_of(held, z, response)
+    stats = held.batcher.stats
+    assert stats.rows == 12 and stats.batches < len(requests), f"6 requests ran as {stats.batches} batches"
+    assert held.backend.batches == ([running, 12 - running] if running < 12 else [12])
+
+
+def test_a_client_that_does_not_read_holds_the_server_to_its_window(held_server):
+    held = held_server()
+    stats = held.servicer.stream_stats
+    pulled = [0]
+    stream = held.stub.SynthesizeStream(_counted_requests(3 * STREAM_WINDOW, pulled), timeout=60)
+    held.backend.wait_for_batches(1)
+    # Nothing can be answered while the backend is held, so the reader must stop at the window.
+    wait_until(lambda: stats.readers_waiting == 1 or stats.requests_read > STREAM_WINDOW,
+               lambda: f"the reader should wait for the client after {STREAM_WINDOW} requests; it has read "
+                       f"{stats.requests_read} of the {pulled[0]} the client sent")
+    assert stats.requests_read == STREAM_WINDOW, f"read {stats.requests_read} requests with none answered"
+    assert held.batcher.queued_rows + held.backend.batches[0] == STREAM_WINDOW  # 1-row requests
+    held.backend.released.set()
+    responses = list(stream)  # the client reads at last: everything completes, in order
+    assert [r.request_id for r in responses] == [f"r{i}" for i in range(3 * STREAM_WINDOW)]
+    assert stats.requests_read == 3 * STREAM_WINDOW and held.batcher.stats.rows == 3 * STREAM_WINDOW
+    assert stats.largest_read_ahead == STREAM_WINDOW
+
+
+def test_cancelling_a_stream_stops_its_work_and_its_reader(held_server):
+    held = held_server()
+    stats = held.servicer.stream_stats
+    before = _reader_threads()
+    stream = held.stub.SynthesizeStream(_counted_requests(1000, [0]), timeout=60)
+    held.backend.wait_for_batches(1)
+    wait_until(lambda: stats.readers_waiting == 1, lambda: f"the stream's window should fill; read {stats.requests_read}")
+    assert len(_reader_threads() - before) == 1, "the stream should have one reader thread"
+    running = held.backend.batches[0]  # the first request, or more if they arrived together
+    assert held.batcher.queued_rows == STREAM_WINDOW - running  # 1-row requests
+    stream.cancel()
+    # Both happen while the batch already running is still held: neither waits for it.
+    wait_until(lambda: not (_reader_threads() - before), lambda: "the cancelled stream's reader thread is still running")
+    wait_until(lambda: held.batcher.queued_rows == 0,
+               lambda: f"the cancelled stream's requests are still queued: {held.batcher.queued_rows} rows")
+    held.backend.released.set()
+    held.backend.wait_for_finished(1)
+    # FIFO: a later request runs after anything still queued, so this settles the backend's record.
+    held.stub.Synthesize(_torch_request(_z(99, 1)), timeout=30)
+    assert held.backend.batches == [running, 1], f"rows of the cancelled stream reached the backend: {held.backend.batches}"
+    assert held.batcher.stats.dropped_rows == STREAM_WINDOW - running
+    assert stats.requests_read == STREAM_WINDOW
+
+
+def test_concurrent_callers_share_batches(held_server):
+    held = held_server()
+    latents = [_z(seed, 2) for seed in range(12)]
+    calls = [held.stub.Synthesize.future(_torch_request(latents[0]), timeout=60)]
+    held.backend.wait_for_batches(1)
+    # While the first caller's batch runs, the other 11 arrive and wait together.
+    calls += [held.stub.Synthesize.future(_torch_request(z), timeout=60) for z in latents[1:]]
+    wait_until(lambda: held.batcher.queued_rows == 22,
+               lambda: f"11 callers' 22 rows should be queued; {held.batcher.queued_rows} are")
+    held.backend.released.set()
+    responses = [call.result() for call in calls]
+    for z, response in zip(latents, responses):
+        _assert_images_of(held, z, response)
+    stats = held.batcher.stats
+    assert stats.rows == 24 and stats.batches < len(calls), f"12 calls ran as {stats.batches} batches"
+    assert held.backend.batches == [2, 22]
 
 
 # ---- bad input: every class gets its status code and a precise message; serving goes on ----
@@ -210,52 +395,61 @@ def test_bad_sample_requests(stub):
          grpc.StatusCode.INVALID_ARGUMENT, "does not support truncation")
 
 
-def test_bad_request_inside_a_stream_ends_it_with_a_status(stub):
-    good = generator_pb2.SynthesizeRequest(model=MODEL, latents=_latents(np.zeros((1, 100), np.float32)), request_id="ok")
-    bad = generator_pb2.SynthesizeRequest(model=MODEL, latents=_latents(np.zeros((1, 3), np.float32)), request_id="bad")
-    stream = stub.SynthesizeStream(iter([good, bad]), timeout=30)
+def test_bad_request_inside_a_stream_ends_it_with_a_status_and_stops_reading(held_server):
+    held = held_server()
+    held.backend.released.set()
+    stats = held.servicer.stream_stats
+    before = _reader_threads()
+
+    def requests():  # a good request, a bad one, then as many good ones as the server will take
+        yield _torch_request(_z(0, 1), "ok")
+        yield _torch_request(np.zeros((1, 3), np.float32), "bad")
+        yield from _counted_requests(1000, [0])
+
+    stream = held.stub.SynthesizeStream(requests(), timeout=30)
     assert next(stream).request_id == "ok"
     with pytest.raises(grpc.RpcError) as info:
         next(stream)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "expected [N, 100]" in info.value.details()
-    _assert_still_serving(stub)
+    wait_until(lambda: not (_reader_threads() - before), lambda: "the failed stream's reader thread is still running")
+    assert stats.requests_read == 2, f"the server read {stats.requests_read} requests; it should stop at the bad one"
+    _assert_still_serving(held.stub)
 
 
-def test_deadline_is_honoured(stub):
-    z = _latents(np.zeros((1024, 100), np.float32))
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Synthesize(generator_pb2.SynthesizeRequest(model=MODEL, latents=z, backend=types_pb2.BACKEND_TORCH), timeout=0.01)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _assert_still_serving(stub)
+def test_deadline_is_honoured(held_server):
+    """A request whose deadline passes while it is queued is dropped, never computed."""
+    held = held_server()
+    blocker = held.stub.Synthesize.future(_torch_request(_z(0, 1)), timeout=60)
+    held.backend.wait_for_batches(1)
+    expired = held.stub.Synthesize.future(_torch_request(_z(1, 5)), timeout=2)
+    # The server's own deadline handling, not the client's timer, takes its rows out of the queue.
+    wait_until(lambda: held.batcher.stats.dropped_rows == 5,
+               lambda: f"the expired request should have been dropped from the queue; "
+                       f"dropped {held.batcher.stats.dropped_rows} rows, {held.batcher.queued_rows} still queued")
+    assert expired.exception(30).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    held.backend.released.set()
+    blocker.result(30)
+    # FIFO: a later request runs after anything still queued, so this settles the backend's record.
+    held.stub.Synthesize(_torch_request(_z(2, 2)), timeout=30)
+    assert held.backend.batches == [1, 2], f"the expired request's 5 rows reached the backend: {held.backend.batches}"
+    _assert_still_serving(held.stub)
 
 
-def test_full_queue_answers_resource_exhausted(fresh_repo):
-    from generator_svc.server import build
-    from tests.conftest import make_config
-
-    # A tiny queue and a slow batch (long delay, big batch) so concurrent callers overflow it.
-    host, _ = build(make_config(fresh_repo, max_queue_rows=4, max_batch_size=1024, max_queue_delay_ms=500))
-    try:
-        stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"localhost:{host.port}"))
-        codes = []
-
-        def call():
-            try:
-                _synthesize(stub, np.zeros((3, 100), np.float32), backend=types_pb2.BACKEND_TORCH)
-                codes.append(grpc.StatusCode.OK)
-            except grpc.RpcError as exc:
-                codes.append(exc.code())
-                assert "queue full" in exc.details()
-
-        threads = [threading.Thread(target=call) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
-        _assert_still_serving(stub)
-    finally:
-        host.stop(0)
+def test_full_queue_answers_resource_exhausted(held_server):
+    held = held_server(max_queue_rows=4)
+    running = held.stub.Synthesize.future(_torch_request(_z(0, 3)), timeout=60)
+    held.backend.wait_for_batches(1)
+    queued = held.stub.Synthesize.future(_torch_request(_z(1, 3)), timeout=60)
+    wait_until(lambda: held.batcher.queued_rows == 3, lambda: f"3 rows should be queued; {held.batcher.queued_rows} are")
+    with pytest.raises(grpc.RpcError) as refused:
+        held.stub.Synthesize(_torch_request(_z(2, 3)), timeout=15)  # 3 + 3 rows > the limit of 4
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    assert "queue full: 3 rows waiting, limit 4" in refused.value.details()
+    held.backend.released.set()
+    running.result(30)
+    queued.result(30)
+    assert held.backend.batches == [3, 3], f"the refused request reached the backend: {held.backend.batches}"
+    _assert_still_serving(held.stub)
 
 
 def test_health_is_not_serving_until_a_model_is_loaded(tmp_path, installed_repo):
@@ -278,10 +472,8 @@ def test_health_is_not_serving_until_a_model_is_loaded(tmp_path, installed_repo)
             stub.Sample(generator_pb2.SampleRequest(count=1), timeout=5)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "models install" in info.value.details()
         install_defaults(empty, log=lambda _m: None)
-        deadline = time.monotonic() + 30
-        while check() != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert check() == health_pb2.HealthCheckResponse.SERVING
+        wait_until(lambda: check() == health_pb2.HealthCheckResponse.SERVING,
+                   lambda: "readiness never turned SERVING after the models were installed", interval_s=0.1)
     finally:
         host.stop(0)
 
@@ -301,13 +493,10 @@ def test_new_versions_are_discovered_without_restart(fresh_repo):
         weights = current.file("weights").read_bytes()
         manifest = {k: v for k, v in current.manifest.items() if k in ("kind", "architecture", "config", "files")}
         fresh_repo.write(DEFAULT_GENERATOR, manifest, lambda d: (d / "weights.safetensors").write_bytes(weights))
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            models = stub.ListModels(generator_pb2.ListModelsRequest(), timeout=10).models
-            if models[0].ref.version == 2:
-                break
-            time.sleep(0.2)
-        assert list(models[0].versions) == [1, 2] and models[0].ref.version == 2
+        newest = lambda: stub.ListModels(generator_pb2.ListModelsRequest(), timeout=10).models[0]  # noqa: E731
+        wait_until(lambda: newest().ref.version == 2, lambda: f"version 2 was never served; models: {newest()}",
+                   interval_s=0.1)
+        assert list(newest().versions) == [1, 2]
         assert stub.Sample(generator_pb2.SampleRequest(count=1), timeout=10).model.version == 2
         old = stub.Sample(generator_pb2.SampleRequest(model=types_pb2.ModelRef(name=DEFAULT_GENERATOR, version=1), count=1), timeout=10)
         assert old.model.version == 1
