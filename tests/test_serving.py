@@ -1,14 +1,18 @@
 """Shared server scaffolding: error mapping, reflection, graceful shutdown."""
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from latentedit.api.v1 import generator_pb2, generator_pb2_grpc
+from latentedit import wire
+from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, generator_pb2, generator_pb2_grpc, types_pb2
 from latentedit.config import ServingOptions
 from latentedit.errors import FailedPrecondition
-from latentedit.rpc.serving import ServiceHost
+from latentedit.methods.registry import METHODS, PLANNED
+from latentedit.rpc.client import connect, synthesize_request
+from latentedit.rpc.serving import ServiceHost, channel_options
 
 
 class _Flaky(generator_pb2_grpc.GeneratorServiceServicer):
@@ -53,10 +57,38 @@ def test_typed_errors_keep_their_code_in_unary_and_streaming_calls(flaky_stub):
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_unimplemented_methods_say_so(flaky_stub):
+def test_a_status_the_servicer_set_itself_is_kept_not_turned_into_internal(flaky_stub):
+    # grpcio's generated base class sets UNIMPLEMENTED and then raises NotImplementedError: our
+    # error interceptor must pass that status through rather than report an internal error.
     with pytest.raises(grpc.RpcError) as info:
         flaky_stub.Synthesize(generator_pb2.SynthesizeRequest(), timeout=5)
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+
+
+@pytest.fixture(scope="module")
+def editor_alone(installed_repo):
+    """The editor on its own: a planned method is refused before any call to the generator or scorer."""
+    from tests.conftest import start_services
+
+    _, hosts = start_services(installed_repo, names=("editor",))
+    channel = grpc.insecure_channel(f"localhost:{hosts['editor'].port}", options=channel_options())
+    yield editor_pb2_grpc.EditorServiceStub(channel)
+    channel.close()
+    hosts["editor"].stop(0)
+
+
+@pytest.mark.parametrize("planned", sorted(PLANNED))
+def test_planned_edit_methods_answer_unimplemented_naming_themselves_and_what_is_available(editor_alone, planned):
+    slot = {"wstar": editor_pb2.WStarEdit(flow="f"), "dplase": editor_pb2.DPLaSEEdit(directions="d")}[planned]
+    request = editor_pb2.EditRequest(seed=editor_pb2.SeedStart(count=1), **{planned: slot})
+    with pytest.raises(grpc.RpcError) as info:
+        list(editor_alone.Edit(request, timeout=10))
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.details().startswith(PLANNED[planned]), info.value.details()  # names the method
+    assert info.value.details().endswith("available: " + ", ".join(METHODS)), info.value.details()
+    # Still serving: the editor answers the next call.
+    editable = {e.method for e in editor_alone.ListEdits(editor_pb2.ListEditsRequest(), timeout=10).edits}
+    assert editable <= set(METHODS)
 
 
 def test_reflection_serves_the_full_generator_api(generator_channel):
@@ -68,34 +100,138 @@ def test_reflection_serves_the_full_generator_api(generator_channel):
 
 
 class _Blocking(generator_pb2_grpc.GeneratorServiceServicer):
+    """ListModels blocks until released; `entered` counts the calls inside it."""
+
     def __init__(self):
         import threading
 
         self.release = threading.Event()
+        self._entered = threading.Condition()
+        self.entered = 0
 
     def ListModels(self, request, context):
-        self.release.wait(10)
+        with self._entered:
+            self.entered += 1
+            self._entered.notify_all()
+        self.release.wait(30)
         return generator_pb2.ListModelsResponse()
+
+    def wait_entered(self, count, timeout_s):
+        with self._entered:
+            return self._entered.wait_for(lambda: self.entered >= count, timeout_s)
 
 
 def test_concurrency_is_bounded_with_resource_exhausted():
-    import time
-
     servicer = _Blocking()
     host = ServiceHost(ServingOptions(port=0, max_concurrent_rpcs=2))
     host.add(generator_pb2_grpc.add_GeneratorServiceServicer_to_server, servicer, "latentedit.v1.GeneratorService")
     host.start()
+    channel = grpc.insecure_channel(f"localhost:{host.port}")
     try:
-        stub = generator_pb2_grpc.GeneratorServiceStub(grpc.insecure_channel(f"localhost:{host.port}"))
-        in_flight = [stub.ListModels.future(generator_pb2.ListModelsRequest(), timeout=10) for _ in range(2)]
-        time.sleep(0.3)
+        stub = generator_pb2_grpc.GeneratorServiceStub(channel)
+        in_flight = [stub.ListModels.future(generator_pb2.ListModelsRequest(), timeout=60) for _ in range(2)]
+        assert servicer.wait_entered(2, 30), f"only {servicer.entered} of 2 calls reached the servicer"
         with pytest.raises(grpc.RpcError) as info:
-            stub.ListModels(generator_pb2.ListModelsRequest(), timeout=5)
+            stub.ListModels(generator_pb2.ListModelsRequest(), timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert servicer.entered == 2, "the refused call reached the servicer"
         servicer.release.set()
         for call in in_flight:
             call.result()
-        stub.ListModels(generator_pb2.ListModelsRequest(), timeout=5)  # served again once a slot frees
+        stub.ListModels(generator_pb2.ListModelsRequest(), timeout=10)  # served again once a slot frees
+        assert servicer.entered == 3
     finally:
         servicer.release.set()
+        channel.close()
+        host.stop(0)
+
+
+# ---- message size limits ----------------------------------------------------------------------
+
+MIB = 1024 * 1024
+GRPC_DEFAULT_RECEIVE_LIMIT = 4 * MIB
+
+
+def _synthesize_request_of_size(total_bytes):
+    """A SynthesizeRequest that serializes to exactly `total_bytes`; its tensor's shape does not
+    match its data, so a service that receives it answers INVALID_ARGUMENT at once."""
+    request = generator_pb2.SynthesizeRequest()
+    request.latents.values.dtype = types_pb2.DATA_TYPE_FP32
+    request.latents.values.shape.extend([1, 100])
+    padding = total_bytes
+    for _ in range(3):  # the length prefixes grow with the padding: converge in a few rounds
+        request.latents.values.raw_data = bytes(padding)
+        padding += total_bytes - request.ByteSize()
+    request.latents.values.raw_data = bytes(padding)
+    assert request.ByteSize() == total_bytes
+    return request
+
+
+def _invert_request_of_size(total_bytes):
+    request = editor_pb2.InvertRequest()
+    request.images.raw.dtype = types_pb2.DATA_TYPE_UINT8
+    request.images.raw.shape.extend([1, 64, 64, 3])
+    padding = total_bytes
+    for _ in range(3):
+        request.images.raw.raw_data = bytes(padding)
+        padding += total_bytes - request.ByteSize()
+    request.images.raw.raw_data = bytes(padding)
+    assert request.ByteSize() == total_bytes
+    return request
+
+
+def _code_and_details(call, request):
+    try:
+        call(request, timeout=60)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_the_default_message_limit_is_64_mib_on_services_and_their_clients(generator_server):
+    assert ServingOptions().max_message_bytes == 64 * MIB
+    limit = 64 * MIB
+    # A client allowed more than the service, so that only the service's limit can refuse.
+    roomy = grpc.insecure_channel(generator_server[0], options=channel_options(2 * limit))
+    client = connect(generator_server[0])  # the clients' channel, as the CLI and the services build it
+    try:
+        roomy_stub, stub = generator_pb2_grpc.GeneratorServiceStub(roomy), generator_pb2_grpc.GeneratorServiceStub(client)
+        code, details = _code_and_details(roomy_stub.Synthesize, _synthesize_request_of_size(limit + 1))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+        # Just under the limit (and far over gRPC's 4 MiB default) it reaches the service, which checks it.
+        code, details = _code_and_details(stub.Synthesize, _synthesize_request_of_size(limit - 1024))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "raw_data has" in details, (code, details)
+        # The client's channel refuses to send more than the limit.
+        code, details = _code_and_details(stub.Synthesize, _synthesize_request_of_size(limit + 1))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+        # ... and receives answers over gRPC's 4 MiB default: 400 raw 64x64 faces are 4.9 MB.
+        latents = np.random.default_rng(0).standard_normal((400, 100)).astype(np.float32)
+        response = stub.Synthesize(synthesize_request(types_pb2.ModelRef(), latents), timeout=120)
+        assert response.ByteSize() > GRPC_DEFAULT_RECEIVE_LIMIT
+        assert wire.decode_images(response.images).shape == (400, 64, 64, 3)
+    finally:
+        roomy.close()
+        client.close()
+
+
+def test_a_configured_message_limit_refuses_larger_requests_and_the_service_keeps_serving(installed_repo):
+    from latentedit.rpc.launch import build_service
+    from tests.conftest import make_config
+
+    limit = 5 * MIB  # over gRPC's 4 MiB default, so a request between the two shows the option applied
+    config = make_config(installed_repo)
+    config.services["editor"].max_message_bytes = limit
+    host = build_service("editor", config)
+    channel = grpc.insecure_channel(f"localhost:{host.port}", options=channel_options(2 * limit))
+    try:
+        invert = editor_pb2_grpc.EditorServiceStub(channel).Invert
+        code, details = _code_and_details(lambda r, timeout: list(invert(r, timeout=timeout)), _invert_request_of_size(limit + 1))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+        code, details = _code_and_details(lambda r, timeout: list(invert(r, timeout=timeout)), _invert_request_of_size(limit - 1024))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "images.raw: raw_data has" in details, (code, details)
+        request = editor_pb2.InvertRequest(images=wire.encode_images(np.zeros((1, 64, 64, 3), np.uint8), types_pb2.IMAGE_ENCODING_RAW_UINT8),
+                                           steps=1)
+        assert list(invert(request, timeout=60))[-1].done  # still serving
+    finally:
+        channel.close()
         host.stop(0)
