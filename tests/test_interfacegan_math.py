@@ -76,3 +76,41 @@ def test_cosine_tracks_score_correlation():
     corr = ifg.correlation_matrix(np.stack([z @ a, z @ b, z @ c], axis=1))
     # For linear attributes of an isotropic Gaussian, correlation equals the normals' cosine.
     np.testing.assert_allclose(cos, corr, atol=0.03)
+
+
+def _identified(n, dim=4):
+    """Latents whose entries are their row number, so that a kept latent tells which sample it was."""
+    return np.repeat(np.arange(n, dtype=np.float32)[:, None], dim, axis=1)
+
+
+def test_too_few_samples_for_both_ends_are_each_kept_once():
+    """A quality filter can leave fewer than 2 * keep samples: each is kept once, the upper half as positives."""
+    score = np.random.default_rng(3).standard_normal(150)
+    keeper = ifg.ExtremeKeeper(keep=100)
+    keeper.add(score, _identified(150))
+    latents, labels, kept_scores = keeper.dataset()
+    ids = latents[:, 0].astype(int)
+    assert len(ids) == len(set(ids)) == len(keeper) == 150
+    assert labels.sum() == 75
+    assert kept_scores[labels == 1].min() > kept_scores[labels == 0].max()
+    np.testing.assert_array_equal(kept_scores, score[ids])
+
+
+def test_threshold_labels_the_kept_extremes_by_their_score():
+    score = np.random.default_rng(4).permutation(100).astype(np.float64)
+    keeper = ifg.ExtremeKeeper(keep=20)
+    keeper.add(score, _identified(100))
+    latents, labels = ifg.kept_labels(keeper, threshold=90.0)
+    kept = score[latents[:, 0].astype(int)]
+    assert sorted(kept) == list(range(20)) + list(range(80, 100))  # still the ranking's two ends
+    np.testing.assert_array_equal(labels, kept > 90)  # 91..99: 9 positives, not the top 20
+    assert labels.sum() == 9
+    with pytest.raises(InvalidArgument, match="threshold 200: every kept sample scores on one side"):
+        ifg.kept_labels(keeper, threshold=200.0)
+
+
+def test_quality_filter_drops_low_and_unknown_quality():
+    values = np.array([1.0, 2.0, 3.0, 4.0])
+    filtered = ifg.quality_filtered(values, np.array([0.99, 0.5, np.nan, 0.9]), quality_min=0.9)
+    np.testing.assert_array_equal(np.isnan(filtered), [False, True, True, False])
+    np.testing.assert_array_equal(filtered[[0, 3]], [1.0, 4.0])

@@ -103,15 +103,27 @@ class ExtremeKeeper:
                 heapq.heapreplace(self._low, item_low)
 
     def __len__(self) -> int:
-        return len(self._high) + len(self._low)
+        return sum(len(side) for side in self._kept())
+
+    def _kept(self) -> tuple[list[tuple[float, int, np.ndarray]], list[tuple[float, int, np.ndarray]]]:
+        """(score, arrival, latent) of the positives and of the negatives, each by descending score."""
+        high = sorted(self._high, key=lambda t: -t[0])
+        low = [(-t[0], t[1], t[2]) for t in sorted(self._low, key=lambda t: t[0])]
+        if self._count < 2 * self.keep:
+            # Fewer than 2 * keep samples came (e.g. after a quality filter), so both heaps hold
+            # some of the same samples; each must get one label: the upper half by score are the
+            # positives, the lower half the negatives (an odd middle one is dropped).
+            ranked = sorted({t[1]: t for t in high + low}.values(), key=lambda t: -t[0])
+            half = len(ranked) // 2
+            high, low = ranked[:half], ranked[len(ranked) - half:]
+        return high, low
 
     def dataset(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(latents, labels 1/0, scores) of the kept positives then negatives."""
-        high = sorted(self._high, key=lambda t: -t[0])
-        low = sorted(self._low, key=lambda t: t[0])
+        """(latents, labels 1/0, scores) of the kept positives then negatives, each sample once."""
+        high, low = self._kept()
         latents = np.stack([t[2] for t in high] + [t[2] for t in low])
         labels = np.array([1] * len(high) + [0] * len(low), np.int64)
-        scores = np.array([t[0] for t in high] + [-t[0] for t in low], np.float64)
+        scores = np.array([t[0] for t in high + low], np.float64)
         return latents, labels, scores
 
 
@@ -191,13 +203,28 @@ def correlation_matrix(scores: np.ndarray) -> np.ndarray:
     return np.corrcoef(scores, rowvar=False)
 
 
-def fit_kept(keeper: ExtremeKeeper, validation_fraction: float, svm_c: float, seed: int,
-             threshold: float | None = None) -> BoundaryFit:
-    """The paper's protocol after ranking: the kept extremes (labelled by side, or by `threshold`) -> SVM."""
+def kept_labels(keeper: ExtremeKeeper, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(latents, labels) of the kept extremes: labelled by their end of the ranking, or, given
+    `threshold`, 1 where the score is above it."""
     latents, labels, scores = keeper.dataset()
     if threshold is not None:
         labels = (scores > threshold).astype(np.int64)
-    return fit_boundary(latents, labels, validation_fraction, svm_c, seed)
+        if labels.all() or not labels.any():
+            raise InvalidArgument(f"threshold {threshold:g}: every kept sample scores on one side of it (kept scores "
+                                  f"{scores.min():.4g}..{scores.max():.4g}); choose a threshold inside that range")
+    return latents, labels
+
+
+def fit_kept(keeper: ExtremeKeeper, validation_fraction: float, svm_c: float, seed: int,
+             threshold: float | None = None) -> BoundaryFit:
+    """The paper's protocol after ranking: the kept extremes (labelled by side, or by `threshold`) -> SVM."""
+    return fit_boundary(*kept_labels(keeper, threshold), validation_fraction, svm_c, seed)
+
+
+def quality_filtered(values: np.ndarray, quality: np.ndarray, quality_min: float) -> np.ndarray:
+    """`values` with NaN where the quality score is below `quality_min` (or not a number): dropped samples."""
+    with np.errstate(invalid="ignore"):
+        return np.where(quality >= quality_min, values, np.nan)
 
 
 def boundary_from_scores(latents: np.ndarray, scores: np.ndarray, keep_fraction: float = 0.1, validation_fraction: float = 0.3,
@@ -271,6 +298,17 @@ def load_boundary(repo: ModelRepository, name: str, version: int = 0, generator:
     return Boundary(tensors["normal"].numpy(), float(tensors["offset"][0])), entry
 
 
+def check_fits(name: str, boundary: Boundary, space: str, generator: GeneratorInfo) -> None:
+    """FAILED_PRECONDITION unless the generator has the boundary's latent space, of the normal's dimension."""
+    spaces = {s.space: s for s in generator.spec.latent_spaces}
+    if space not in spaces:
+        raise FailedPrecondition(f"boundary {name!r} lives in latent space {space!r}; generator {generator.name!r} "
+                                 f"has spaces {', '.join(spaces)}")
+    if boundary.normal.size != spaces[space].size:
+        raise FailedPrecondition(f"boundary {name!r} has dimension {boundary.normal.size}; latent space {space!r} of generator "
+                                 f"{generator.name!r} has dimension {spaces[space].size}")
+
+
 def boundary_artifact(name: str, boundary: Boundary, generator: GeneratorInfo, space: str, attribute: dict,
                       metrics: dict[str, float] | None = None) -> Trained:
     """A boundary ready for the repository (`Trained.save`)."""
@@ -299,6 +337,7 @@ class InterFaceGAN(Method):
     def prepare(self, repo: ModelRepository, generator: GeneratorInfo, options: InterFaceGANOptions) -> PreparedBoundaries:
         boundary, entry = load_boundary(repo, options.boundary, generator=generator.name)
         space = entry.manifest.get("space", "z")
+        check_fits(options.boundary, boundary, space, generator)
         conditions = []
         for name in options.conditions:
             condition, condition_entry = load_boundary(repo, name, generator=generator.name)
@@ -408,13 +447,16 @@ class InterFaceGAN(Method):
         keeper = ExtremeKeeper(int(spec.num_samples * spec.keep_fraction))
         scores = np.full(spec.num_samples, np.nan)
         heads = sorted({spec.attribute.head} | ({spec.quality.head} if spec.quality else set()))
+        num_filtered = 0  # samples the quality filter dropped
         for index, start, count in batches(spec.num_samples, b.batch_size):
             progress.check()
             latents = world.sample(b.generator, count, batch_seed(b.seed, index), spec.space)
             outputs = world.score(world.synthesize(b.generator, latents), heads)
             values = spec.attribute.extract(outputs)
             if spec.quality is not None:
-                values = np.where(spec.quality.extract(outputs) >= spec.quality_min, values, np.nan)
+                scored = np.isfinite(values)
+                values = quality_filtered(values, spec.quality.extract(outputs), spec.quality_min)
+                num_filtered += int((scored & ~np.isfinite(values)).sum())
             usable = np.isfinite(values)
             keeper.add(values[usable], latents.flat()[usable])
             scores[start : start + count] = values
@@ -422,7 +464,8 @@ class InterFaceGAN(Method):
                             message=f"scored {start + count}/{spec.num_samples} samples")
         progress.check()
         progress.report("fitting the SVM", 0.87)
-        fit = fit_kept(keeper, spec.validation_fraction, spec.svm_c, b.seed, spec.threshold)
+        kept, labels = kept_labels(keeper, spec.threshold)
+        fit = fit_boundary(kept, labels, spec.validation_fraction, spec.svm_c, b.seed)
         # Accuracy on all samples: regenerate their latents from the seeds (nothing was kept).
         progress.report("measuring accuracy on all samples", 0.9)
         finite = np.isfinite(scores)
@@ -436,7 +479,8 @@ class InterFaceGAN(Method):
             correct += int(np.sum((fit.boundary.distance(latents.flat()[ok]) > 0) == (batch_scores[ok] > threshold)))
         metrics = {"validation_accuracy": fit.validation_accuracy, "train_accuracy": fit.train_accuracy,
                    "all_samples_accuracy": correct / max(int(finite.sum()), 1), "num_samples": float(spec.num_samples),
-                   "num_kept": float(len(keeper)), "score_threshold": threshold}
+                   "num_kept": float(len(kept)), "num_positive": float(labels.sum()), "num_negative": float(len(labels) - labels.sum()),
+                   "num_filtered": float(num_filtered), "score_threshold": threshold}
         progress.report("writing the boundary", 0.98, metrics)
         return boundary_artifact(b.name, fit.boundary, b.generator, spec.space, spec.attribute.to_dict(), metrics)
 
