@@ -70,6 +70,7 @@ class JobRunner:
         self._contexts: dict[str, JobContext] = {}
         self.messages: dict[str, str] = {}
         self._shutting_down = False
+        self._starting = threading.Lock()  # a job starts (QUEUED -> RUNNING) or the runner shuts down, not both
 
     def submit(self, job_id: str, body: JobBody, params: Any) -> None:
         self._contexts[job_id] = JobContext(self.store, job_id, threading.Event(), self.messages)
@@ -86,14 +87,18 @@ class JobRunner:
         return self.store.get(job_id)
 
     def _run(self, job_id: str, body: JobBody, params: Any) -> None:
-        job = self.store.get(job_id)
-        if job.state != trainer_pb2.JOB_STATE_QUEUED:
-            return  # cancelled while queued
-        context = self._contexts[job_id]
-        job.state = trainer_pb2.JOB_STATE_RUNNING
-        job.phase = "starting"
-        job.started_at.CopyFrom(now())
-        self.store.save(job)
+        with self._starting:
+            job = self.store.get(job_id)
+            if job.state != trainer_pb2.JOB_STATE_QUEUED or self._shutting_down:
+                # Cancelled while queued; or the trainer is stopping, and a queued job stays queued
+                # for the next start to run (a worker freed by an interrupted job must not start it).
+                self._contexts.pop(job_id, None)
+                return
+            context = self._contexts[job_id]
+            job.state = trainer_pb2.JOB_STATE_RUNNING
+            job.phase = "starting"
+            job.started_at.CopyFrom(now())
+            self.store.save(job)
         context.started = time.monotonic()
         try:
             artifact = body(context, params)
@@ -126,7 +131,10 @@ class JobRunner:
         self.store.save(job)
 
     def close(self) -> None:
-        self._shutting_down = True
+        """Interrupt the running jobs; queued ones stay QUEUED in the store (the next start runs them)."""
+        with self._starting:
+            self._shutting_down = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for context in list(self._contexts.values()):
             context.request_cancel()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
