@@ -4,6 +4,7 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from latentedit import wire
@@ -232,6 +233,24 @@ def test_a_configured_message_limit_refuses_larger_requests_and_the_service_keep
         request = editor_pb2.InvertRequest(images=wire.encode_images(np.zeros((1, 64, 64, 3), np.uint8), types_pb2.IMAGE_ENCODING_RAW_UINT8),
                                            steps=1)
         assert list(invert(request, timeout=60))[-1].done  # still serving
+    finally:
+        channel.close()
+        host.stop(0)
+
+
+def test_health_watch_streams_readiness_changes():
+    host = ServiceHost(ServingOptions(port=0))
+    host.add(generator_pb2_grpc.add_GeneratorServiceServicer_to_server, _Flaky(), "latentedit.v1.GeneratorService")
+    host.start()
+    channel = grpc.insecure_channel(f"localhost:{host.port}")
+    try:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # not warm yet
+        host.set_serving(True)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        host.set_serving(False)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
     finally:
         channel.close()
         host.stop(0)

@@ -88,6 +88,11 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        if getattr(behaviour, "experimental_non_blocking", False):
+            # It answers through a callback gRPC passes it (health's Watch): nothing returns or
+            # yields through a wrapper, and wrapping it would break gRPC's calling convention.
+            return handler
         if handler.unary_unary:
             return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary, method))
         if handler.stream_unary:
