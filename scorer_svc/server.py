@@ -37,9 +37,17 @@ def build(config: Config) -> tuple[ServiceHost, Scorer]:
         new = [n for n in names if (n, heads[n].entry.version) not in warmed]
         if new:
             # One small batch through every new head (and the text model) before taking traffic.
-            scorer.score(np.full((2, 64, 64, 3), 128, np.uint8), new)
+            # Each head on its own: a dropped-in head that cannot score is unloaded, not served,
+            # and neither stops the others nor (at start-up) the service.
+            for name in new:
+                try:
+                    scorer.score(np.full((2, 64, 64, 3), 128, np.uint8), [name])
+                except Exception as exc:  # noqa: BLE001 - reported through the scorer's failures
+                    scorer.reject(name, f"warm-up failed: {exc}")
+                    continue
+                warmed.add((name, heads[name].entry.version))
             scorer.text_embedder().embed(["warm up"])
-            warmed.update((n, heads[n].entry.version) for n in new)
+            names = sorted(scorer.heads)
         if not names:
             log.warning("no scorer heads in %s: run `latentedit models install`", config.repository)
         host.set_serving(bool(names))

@@ -8,7 +8,7 @@ import numpy as np
 
 from latentedit import wire
 from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc, types_pb2
-from latentedit.batching import DynamicBatcher
+from latentedit.batching import BatcherStats, DynamicBatcher
 from latentedit.config import ScorerConfig
 from latentedit.errors import InvalidArgument, ResourceExhausted
 from latentedit.rpc.serving import deadline_seconds
@@ -32,6 +32,12 @@ def _flatten(results: dict[str, HeadResult]) -> dict[str, np.ndarray]:
         if result.captions:
             flat[f"{head}/{_CAPTIONS}"] = np.array(result.captions, dtype=object)
     return flat
+
+
+def _image_count(batch: types_pb2.ImageBatch) -> int:
+    if batch.encoding == types_pb2.IMAGE_ENCODING_PNG:
+        return len(batch.png)
+    return int(batch.raw.shape[0]) if batch.raw.shape else 0
 
 
 class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
@@ -65,9 +71,11 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
 
     def Score(self, request, context):
         names = self.scorer.check_heads(list(request.heads))
+        # Counted before decoding: an over-limit batch is refused without decoding its images.
+        count = _image_count(request.images)
+        if count > self.config.max_request_batch:
+            raise ResourceExhausted(f"images: batch of {count} is larger than the limit {self.config.max_request_batch}; split it")
         images = wire.decode_images(request.images)
-        if len(images) > self.config.max_request_batch:
-            raise ResourceExhausted(f"images: batch of {len(images)} is larger than the limit {self.config.max_request_batch}; split it")
         check_images(images)
         key = (tuple(names), images.shape[1:])
         with self._lock:
@@ -108,6 +116,17 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             if tokens > embedder.max_tokens:
                 raise InvalidArgument(f"texts[{i}]: {tokens} tokens, more than the model's {embedder.max_tokens}; shorten it")
         return scorer_pb2.EmbedTextResponse(embeddings=wire.to_tensor(embedder.embed(texts)))
+
+    def batcher_stats(self) -> BatcherStats:
+        """Batches and rows run so far, over every (heads, image size) batcher."""
+        with self._lock:
+            batchers = list(self._batchers.values())
+        total = BatcherStats()
+        for batcher in batchers:
+            total.batches += batcher.stats.batches
+            total.rows += batcher.stats.rows
+            total.largest_batch = max(total.largest_batch, batcher.stats.largest_batch)
+        return total
 
     def close(self) -> None:
         with self._lock:

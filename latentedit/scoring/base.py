@@ -62,7 +62,7 @@ class Batch:
     def __init__(self, images: np.ndarray) -> None:
         self.images = images
         self._resized: dict[int, np.ndarray] = {}
-        self._mirrored: Batch | None = None
+        self._resized_mirrored: dict[int, np.ndarray] = {}
         self._cache: dict[Any, Any] = {}
 
     def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
@@ -89,10 +89,20 @@ class Batch:
                 self._resized[size] = t.round().clamp(0, 255).byte().permute(0, 2, 3, 1).contiguous().numpy()
         return self._resized[size]
 
-    def mirrored(self) -> Batch:
-        if self._mirrored is None:
-            self._mirrored = Batch(np.ascontiguousarray(self.images[:, :, ::-1]))
-        return self._mirrored
+    def resized_mirrored(self, size: int) -> np.ndarray:
+        """The mirror of `resized(size)`: exactly the mirror of what a head sees. Resizing the
+        mirrored original instead rounds differently at some pixels, and dlib-based heads
+        amplify a one-level difference into years of age."""
+        if size not in self._resized_mirrored:
+            self._resized_mirrored[size] = np.ascontiguousarray(self.resized(size)[:, :, ::-1])
+        return self._resized_mirrored[size]
+
+    def to_square(self, points: np.ndarray) -> np.ndarray:
+        """Points in the caller's pixels -> the unit square the heads' resized copies span.
+
+        Geometry measured on the caller's points would change when a non-square image is
+        stretched to a head's square input; in this frame it is what the head saw."""
+        return points / np.array([self.width, self.height], np.float32)
 
     def to_caller_pixels(self, points: np.ndarray, size: int) -> np.ndarray:
         """Points measured on the `size` x `size` copy -> the caller's image pixels."""

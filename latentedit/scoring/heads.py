@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -11,11 +12,14 @@ import torch
 
 from latentedit.errors import FailedPrecondition
 from latentedit.models.expression import EMOTIONS, EmotionNet, rgb_to_model_input
+from latentedit.models.expression import INPUT_SIZE as EXPRESSION_INPUT_SIZE
 from latentedit.models.face_geometry import pose_and_mouth
 from latentedit.models.mtcnn import MTCNN
 from latentedit.models.text import TextEmbedder
 from latentedit.repository import Entry
 from latentedit.scoring.base import FACE_BOX, FACE_SIZE, Batch, Head, HeadResult
+
+log = logging.getLogger(__name__)
 
 # ---- model loaders (by the scorer-model manifest's "format") --------------------------------
 
@@ -142,7 +146,9 @@ class PoseHead(_DependentHead):
     roles = ("landmarks",)
 
     def compute(self, batch: Batch, inputs: dict[str, HeadResult]) -> HeadResult:
-        return HeadResult(pose_and_mouth(self.input(inputs, "landmarks").outputs["points"]))
+        # In the square frame the landmarks were found in: a stretched, non-square image scores
+        # like its documented resize (roll and the mouth ratios are not stretch-invariant).
+        return HeadResult(pose_and_mouth(batch.to_square(self.input(inputs, "landmarks").outputs["points"])))
 
 
 class IdentityHead(_DependentHead):
@@ -155,9 +161,7 @@ class IdentityHead(_DependentHead):
     def compute(self, batch: Batch, inputs: dict[str, HeadResult]) -> HeadResult:
         dlib = _dlib()
         faces = batch.resized(FACE_SIZE)
-        points = self.input(inputs, "landmarks").outputs["points"] * np.array(
-            [FACE_SIZE / batch.width, FACE_SIZE / batch.height], np.float32
-        )
+        points = batch.to_square(self.input(inputs, "landmarks").outputs["points"]) * FACE_SIZE
         rect = dlib.rectangle(*FACE_BOX)
         shapes = [
             dlib.full_object_detections([dlib.full_object_detection(rect, [dlib.point(int(round(x)), int(round(y))) for x, y in face])])
@@ -171,7 +175,9 @@ class IdentityHead(_DependentHead):
 class ExpressionHead(Head):
     @torch.inference_mode()
     def compute(self, batch: Batch, inputs: dict[str, HeadResult]) -> HeadResult:
-        images = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float()
+        # The documented resize (uint8, like every head's) before the grey conversion, so that an
+        # image of any size scores exactly like its 64 px copy.
+        images = torch.from_numpy(batch.resized(EXPRESSION_INPUT_SIZE)).permute(0, 3, 1, 2).float()
         return HeadResult({"probabilities": self.models["network"](rgb_to_model_input(images)).numpy()})
 
 
@@ -181,7 +187,7 @@ class AgeGenderHead(Head):
     def compute(self, batch: Batch, inputs: dict[str, HeadResult]) -> HeadResult:
         model: AgeGenderModel = self.models["network"]
         age_a, gender_a = model.probabilities(batch.resized(FACE_SIZE))
-        age_b, gender_b = model.probabilities(batch.mirrored().resized(FACE_SIZE))
+        age_b, gender_b = model.probabilities(batch.resized_mirrored(FACE_SIZE))
         age_p, gender_p = (age_a + age_b) / 2, (gender_a + gender_b) / 2
         male = gender_p[:, 1]
         return HeadResult(
@@ -228,20 +234,45 @@ class OnnxHead(Head):
 
     Manifest keys: files.model; input_size; normalization {mean: [3], std: [3]} applied to pixel
     values in [0, 1]; layout "NCHW" (default) or "NHWC"; outputs[].name = the graph's output names.
+    ONNX Runtime computes no gradients, so an ONNX head is never reported as differentiable.
     """
+
+    LAYOUTS = ("NCHW", "NHWC")
 
     def __init__(self, entry: Entry, models: dict[str, Any]) -> None:
         super().__init__(entry, models)
-        self.session = _onnx_session(entry.file("model"))
+        if self.differentiable:
+            log.warning("head %s: an ONNX head passes no gradients; served as not differentiable", self.name)
+            self.differentiable = False
         norm = entry.manifest.get("normalization", {})
         self.mean = np.asarray(norm.get("mean", [0.0, 0.0, 0.0]), np.float32)
         self.std = np.asarray(norm.get("std", [1.0, 1.0, 1.0]), np.float32)
+        if self.mean.shape != (3,) or self.std.shape != (3,) or not (self.std > 0).all():
+            raise FailedPrecondition(
+                f"head {self.name}: normalization needs mean and std of 3 values (RGB), std > 0; "
+                f"got mean {self.mean.tolist()}, std {self.std.tolist()}"
+            )
+        # Anything but the two layouts would otherwise be fed silently as NHWC.
         self.layout = entry.manifest.get("layout", "NCHW")
+        if self.layout not in self.LAYOUTS:
+            raise FailedPrecondition(f"head {self.name}: layout {self.layout!r} is not one of {', '.join(self.LAYOUTS)}")
+        self.session = _onnx_session(entry.file("model"))
         graph_outputs = {o.name for o in self.session.get_outputs()}
         missing = [o.name for o in self.outputs if o.name not in graph_outputs]
         if missing or not self.input_size:
             raise FailedPrecondition(
                 f"head {self.name}: manifest outputs {missing} not in the graph ({sorted(graph_outputs)}) or no input_size"
+            )
+        # A graph whose fixed input dimensions disagree with input_size and layout would fail on
+        # every request; refuse it at load time with both shapes named.
+        graph_input = self.session.get_inputs()[0]
+        side = self.input_size
+        fed = [side, side, 3] if self.layout == "NHWC" else [3, side, side]
+        declared = list(graph_input.shape)[1:]
+        if len(declared) != 3 or any(isinstance(d, int) and d != f for d, f in zip(declared, fed)):
+            raise FailedPrecondition(
+                f"head {self.name}: the graph's input {graph_input.name} has shape {list(graph_input.shape)}, "
+                f"but input_size {side} and layout {self.layout} feed [N, {', '.join(map(str, fed))}]"
             )
         self._lock = threading.Lock()
 
@@ -251,7 +282,16 @@ class OnnxHead(Head):
             x = x.transpose(0, 3, 1, 2)
         with self._lock:
             values = self.session.run([o.name for o in self.outputs], {self.session.get_inputs()[0].name: np.ascontiguousarray(x)})
-        return HeadResult({o.name: np.asarray(v, np.float32).reshape(len(x), *o.shape) for o, v in zip(self.outputs, values)})
+        results = {}
+        for spec, value in zip(self.outputs, values):
+            value = np.asarray(value, np.float32)
+            if value.shape != (len(x), *spec.shape):
+                raise FailedPrecondition(
+                    f"head {self.name}: output {spec.name} has shape {list(value.shape)}, "
+                    f"the manifest declares {[len(x), *spec.shape]}; fix the manifest or the graph"
+                )
+            results[spec.name] = value
+        return HeadResult(results)
 
 
 HEAD_TYPES: dict[str, type[Head]] = {

@@ -26,6 +26,9 @@ class Scorer:
         self._models: dict[tuple[str, int], Any] = {}
         self._heads: dict[str, Head] = {}
         self._lock = threading.Lock()
+        # (version, reason) of heads that failed to load or warm up: not retried until a new version.
+        self._failed: dict[str, tuple[int, str]] = {}
+        self._heads_changed = threading.Condition(self._lock)  # notified whenever a head loads or fails
 
     # loading ----------------------------------------------------------------------------------
 
@@ -35,19 +38,23 @@ class Scorer:
             current = self._heads.get(entry.name)
             if current is not None and current.entry.version == entry.version:
                 continue
+            if self._failed.get(entry.name, (0, ""))[0] == entry.version:
+                continue
             implementation = entry.manifest.get("implementation", "")
             head_type = HEAD_TYPES.get(implementation)
             if head_type is None:
-                log.error("head %s: unknown implementation %r; known: %s", entry.name, implementation, ", ".join(HEAD_TYPES))
+                self._fail(entry.name, entry.version, f"unknown implementation {implementation!r}; known: {', '.join(HEAD_TYPES)}")
                 continue
             try:
                 models = {role: self._model(name) for role, name in entry.manifest.get("models", {}).items()}
                 head = head_type(entry, models)
-            except Exception:  # noqa: BLE001 - one broken head must not take the others down
-                log.exception("head %s v%d failed to load", entry.name, entry.version)
+            except Exception as exc:  # noqa: BLE001 - one broken head must not take the others down
+                log.debug("head %s v%d failed to load", entry.name, entry.version, exc_info=True)
+                self._fail(entry.name, entry.version, str(exc))
                 continue
             with self._lock:
                 self._heads[entry.name] = head
+                self._heads_changed.notify_all()
             log.info("head %s v%d loaded (%s)", entry.name, entry.version, implementation)
         return sorted(self._heads)
 
@@ -64,6 +71,38 @@ class Scorer:
     @property
     def heads(self) -> dict[str, Head]:
         return dict(self._heads)
+
+    def reject(self, name: str, reason: str) -> None:
+        """Unload a head that loaded but cannot score (e.g. its warm-up failed)."""
+        head = self._heads.get(name)
+        if head is not None:
+            self._fail(name, head.entry.version, reason)
+
+    def _fail(self, name: str, version: int, reason: str) -> None:
+        log.error("head %s v%d not served: %s", name, version, reason)
+        with self._lock:
+            current = self._heads.get(name)
+            if current is not None and current.entry.version == version:
+                del self._heads[name]
+            self._failed[name] = (version, reason)
+            self._heads_changed.notify_all()
+
+    def load_failure(self, name: str) -> str | None:
+        """Why the newest tried version of head `name` is not served (None: no failure)."""
+        failed = self._failed.get(name)
+        return None if failed is None else failed[1]
+
+    def wait_for_head(self, name: str, version: int = 0, timeout_s: float = 30.0) -> bool:
+        """Block until head `name` is loaded (at `version` or newer; 0: any); False on timeout."""
+        with self._heads_changed:
+            return self._heads_changed.wait_for(
+                lambda: name in self._heads and self._heads[name].entry.version >= version, timeout=timeout_s
+            )
+
+    def wait_for_failure(self, name: str, timeout_s: float = 30.0) -> bool:
+        """Block until head `name` has failed to load or warm up; False on timeout."""
+        with self._heads_changed:
+            return self._heads_changed.wait_for(lambda: name in self._failed, timeout=timeout_s)
 
     def text_embedder(self):
         return self._model(self.text_embedder_model)
