@@ -1,0 +1,131 @@
+"""DP-LaSE math against problems with known answers (toy priors, linear G1, brute-force losses)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from latentedit.methods import dplase
+
+
+def test_variation_terms_match_the_definition_on_both_paths():
+    rng = torch.Generator().manual_seed(0)
+    for shape in ((3, 2, 8, 2, 2), (3, 2, 2, 4, 4)):  # positions < channels, and the reverse
+        deltas = torch.randn(*shape, generator=rng)
+        k, n = shape[:2]
+        energy, similarity = dplase.variation_terms(deltas)
+        mats = deltas.reshape(k, n, shape[2], -1).transpose(2, 3)  # [k, N, P, C]
+        brute_energy = sum(float((mats[j, i] ** 2).sum()) for j in range(k) for i in range(n)) / n
+        brute_similarity = sum(float(((mats[j, i].T @ mats[h, i]) ** 2).sum())
+                               for j in range(k) for h in range(k) if j != h for i in range(n)) / n
+        assert float(energy) == pytest.approx(brute_energy, rel=1e-5)
+        assert float(similarity) == pytest.approx(brute_similarity, rel=1e-4)
+
+
+def test_walks_keep_the_norm_or_follow_eq_1():
+    z0 = torch.randn(5, 10)
+    direction = torch.nn.functional.normalize(torch.randn(10), dim=0)
+    stride = torch.linspace(-8, 8, 5)
+    np.testing.assert_allclose(dplase.linear_walk(z0, direction, stride), z0 + stride[:, None] * direction)
+    walked = dplase.norm_preserving_walk(z0, direction, stride)
+    np.testing.assert_allclose(walked.norm(dim=1), z0.norm(dim=1), rtol=1e-5)
+
+
+def _uniform_box(n, dim, rng):
+    return torch.rand(n, dim, generator=rng) * 4 - 2  # U[-2, 2]: density 0.25 inside
+
+
+def _mixture(n, dim, rng):
+    sign = torch.randint(0, 2, (n, dim), generator=rng) * 2 - 1
+    return sign * 2.0 + 0.5 * torch.randn(n, dim, generator=rng)
+
+
+def _mixture_log_density(x):
+    """True log-density of the iid two-Gaussian mixture above (means +-2, sd 0.5, equal weights)."""
+    def normal(mu):
+        return torch.exp(-0.5 * ((x - mu) / 0.5) ** 2) / (0.5 * math.sqrt(2 * math.pi))
+    return torch.log(0.5 * normal(2.0) + 0.5 * normal(-2.0)).sum(-1)
+
+
+@pytest.mark.parametrize("prior", ["uniform", "mixture"])
+def test_learned_density_tracks_the_true_one(prior):
+    rng = torch.Generator().manual_seed(1)
+    sample = _uniform_box if prior == "uniform" else _mixture
+    x = sample(4000, 2, rng)
+    module = dplase.fit_density(x, steps=600, seed=0)
+    grid = torch.linspace(-3, 3, 241)[:, None].repeat(1, 2)
+    with torch.no_grad():
+        cdf, density = module.cdf_and_density(grid)
+    if prior == "uniform":
+        truth = ((grid > -2) & (grid < 2)).float() * 0.25
+    else:
+        truth = torch.exp(_mixture_log_density(grid[:, :1]))[:, None].repeat(1, 2)
+    # Total variation distance between the learned and the true density, per dimension.
+    total_variation = 0.5 * (density - truth).abs().sum(0) * (6 / 240)
+    assert (total_variation < 0.12).all(), total_variation
+    assert (density > 0).all(), "F must be monotone on the data's range"
+    assert (cdf[-1] > 0.95).all() and (cdf[0] < 0.05).all()
+
+
+def test_discovered_directions_are_the_axes_g1_varies_along():
+    """A linear G1 that stretches three known axes (10x, 6x, 3x) and flattens the rest: the three
+    discovered directions span exactly those axes, and Gamma is orthonormal."""
+    dim = 8
+    stretch = torch.tensor([10.0, 6.0, 3.0, 0.1, 0.1, 0.1, 0.1, 0.1])
+    rotation = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(3))).Q
+    axes = rotation[:, :3]  # the known axes, in a rotated basis so that nothing is axis-aligned
+
+    def features(z):  # [N, d] -> [N, C=8, 2, 2]: the stretched coordinates, repeated over 4 positions
+        return ((z @ rotation) * stretch)[:, :, None, None].expand(-1, -1, 2, 2)
+
+    def sample(n, seed):
+        return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+    options = dplase.DiscoveryOptions(num_directions=3, max_stride=3.0, steps=300, batch_size=32, learning_rate=2e-2)
+    found = dplase.discover_directions(features, sample, dim, gaussian_prior=True, options=options)
+    assert found.density is None and found.correction is None
+    np.testing.assert_allclose(found.directions @ found.directions.T, np.eye(3), atol=1e-3)
+    # Cosines of the principal angles between span(found) and span(axes): all near 1.
+    cosines = np.linalg.svd(found.directions @ axes.numpy(), compute_uv=False)
+    assert cosines.min() > 0.95, cosines
+    assert found.metrics["orthogonality_error"] < 0.2
+
+
+SCALES = torch.tensor([0.5, 1.0, 1.5, 2.0])
+
+
+def _anisotropic_log_density(x):
+    """True log-density of N(0, diag(SCALES^2)): a prior that is not N(0, I), so eq. 2 does not apply."""
+    return (-0.5 * (x / SCALES) ** 2 - torch.log(SCALES) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def test_corrected_walks_keep_the_true_density_where_plain_walks_do_not():
+    """An unknown (anisotropic Gaussian) prior and G1 = identity: after joint training (eq. 11),
+    walks with the learned correction keep the start's true log-density much better than linear
+    walks of the same stride, while still advancing the full stride along the direction."""
+    dim = 4
+    pool = torch.randn(20000, dim, generator=torch.Generator().manual_seed(5)) * SCALES
+
+    def sample(n, seed):
+        return pool[torch.randint(len(pool), (n,), generator=torch.Generator().manual_seed(seed))]
+
+    options = dplase.DiscoveryOptions(num_directions=2, max_stride=2.0, steps=600, batch_size=64,
+                                      learning_rate=1e-3, correction_hidden=64)
+    found = dplase.discover_directions(lambda z: z[:, :, None, None], sample, dim, gaussian_prior=False,
+                                       options=options)
+    assert found.density is not None and found.correction is not None
+    z0 = sample(500, 999)
+    start = _anisotropic_log_density(z0)
+    with torch.no_grad():
+        for j in range(2):
+            direction = torch.from_numpy(found.directions[j])
+            stride = torch.full((len(z0),), 2.0)
+            plain = dplase.linear_walk(z0, direction, stride)
+            corrected = dplase.corrected_walk(z0, direction, stride, found.correction)
+            gap_plain = float((_anisotropic_log_density(plain) - start).abs().median())
+            gap_corrected = float((_anisotropic_log_density(corrected) - start).abs().median())
+            # Measured (seeded): 0.61 vs 2.60 and 0.49 vs 1.31 nats; on the two-mode mixture C
+            # does not get there (5.8 vs 6.8: its iso-density set across a walk is in pieces).
+            assert gap_corrected < 0.5 * gap_plain, (j, gap_corrected, gap_plain)
+            np.testing.assert_allclose(((corrected - z0) @ direction).numpy(), 2.0, atol=1e-4)
