@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from latentedit.api.v1 import trainer_pb2, types_pb2
-from latentedit.errors import InvalidArgument
+from latentedit.errors import InvalidArgument, ResourceExhausted
 
 if TYPE_CHECKING:
     from latentedit.models.generator import GeneratorSpec
@@ -117,12 +117,18 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# Decoded-size limits for PNG batches (the message limit bounds only the compressed bytes).
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_DECODED_PIXELS = 64 * 1024 * 1024
+
+
 def decode_images(batch: types_pb2.ImageBatch, *, field: str = "images", channels: int = 3) -> np.ndarray:
     """ImageBatch -> uint8 NHWC with `channels` channels; all images must share one size."""
     if batch.encoding == types_pb2.IMAGE_ENCODING_PNG:
         if not batch.png:
             raise InvalidArgument(f"{field}: PNG encoding selected but no images given")
-        decoded = [_decode_png(data, f"{field}.png[{i}]", channels) for i, data in enumerate(batch.png)]
+        budget = [MAX_DECODED_PIXELS]  # the whole batch's pixels, checked from the headers before decoding
+        decoded = [_decode_png(data, f"{field}.png[{i}]", channels, budget) for i, data in enumerate(batch.png)]
         sizes = {img.shape for img in decoded}
         if len(sizes) > 1:
             raise InvalidArgument(f"{field}: images differ in size {sorted(sizes)}; one batch must share one size")
@@ -139,17 +145,26 @@ def decode_images(batch: types_pb2.ImageBatch, *, field: str = "images", channel
     raise InvalidArgument(f"{field}.encoding {batch.encoding} is unknown; allowed: IMAGE_ENCODING_RAW_UINT8, IMAGE_ENCODING_PNG")
 
 
-def _decode_png(data: bytes, field: str, channels: int) -> np.ndarray:
+def _decode_png(data: bytes, field: str, channels: int, budget: list[int]) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.format != "PNG":
                 raise InvalidArgument(f"{field}: not a PNG file (found {img.format})")
+            # A few KiB of PNG can declare gigapixels: refuse from the header, before decoding.
+            pixels = img.width * img.height
+            if pixels > MAX_IMAGE_PIXELS:
+                raise ResourceExhausted(f"{field}: {img.width}x{img.height} is larger than the limit of "
+                                        f"{MAX_IMAGE_PIXELS} pixels per image")
+            budget[0] -= pixels
+            if budget[0] < 0:
+                raise ResourceExhausted(f"{field}: the batch's images hold more than {MAX_DECODED_PIXELS} pixels "
+                                        "in all; split the request")
             img.load()
             bands = len(img.getbands())
             if bands not in (1, 3, 4) or (channels == 3 and bands == 1):
                 raise InvalidArgument(f"{field}: image has {bands} channel(s) ({img.mode}), expected {channels}")
             return np.asarray(img.convert("RGB" if channels == 3 else "L")).reshape(img.height, img.width, channels)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidArgument(f"{field}: corrupt or unreadable PNG ({exc})") from exc
 
 

@@ -126,6 +126,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             total.batches += batcher.stats.batches
             total.rows += batcher.stats.rows
             total.largest_batch = max(total.largest_batch, batcher.stats.largest_batch)
+            total.dropped_rows += batcher.stats.dropped_rows
         return total
 
     def close(self) -> None:

@@ -78,3 +78,29 @@ def test_raw_images_need_three_channels_and_a_batch():
 def test_float_images_map_to_full_uint8_range():
     floats = np.array([-1.0, 0.0, 1.0], np.float32).reshape(1, 1, 1, 3)
     np.testing.assert_array_equal(wire.float_to_uint8_images(floats.transpose(0, 3, 1, 2)).ravel(), [0, 128, 255])
+
+
+def _png_bytes(width, height):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_png_decompression_bombs_are_refused_from_the_header():
+    """A small PNG that declares a huge image is refused before decoding (no memory blow-up),
+    per image and per batch, with RESOURCE_EXHAUSTED naming the limit."""
+    from latentedit.errors import ResourceExhausted
+
+    huge = _png_bytes(4097, 4096)  # one row over the per-image limit; a few KiB compressed
+    assert len(huge) < 200_000
+    with pytest.raises(ResourceExhausted, match=r"images.png\[0\]: 4097x4096 is larger than the limit of 16777216"):
+        wire.decode_images(types_pb2.ImageBatch(encoding=types_pb2.IMAGE_ENCODING_PNG, png=[huge]))
+    big = _png_bytes(4096, 4096)  # at the per-image limit, but five of them exceed the batch's pixels
+    with pytest.raises(ResourceExhausted, match=r"images.png\[4\]: the batch's images hold more than 67108864"):
+        wire.decode_images(types_pb2.ImageBatch(encoding=types_pb2.IMAGE_ENCODING_PNG, png=[big] * 5))
+    small = wire.decode_images(types_pb2.ImageBatch(encoding=types_pb2.IMAGE_ENCODING_PNG, png=[_png_bytes(8, 6)] * 3))
+    assert small.shape == (3, 6, 8, 3)
