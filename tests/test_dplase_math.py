@@ -129,3 +129,39 @@ def test_corrected_walks_keep_the_true_density_where_plain_walks_do_not():
             # does not get there (5.8 vs 6.8: its iso-density set across a walk is in pieces).
             assert gap_corrected < 0.5 * gap_plain, (j, gap_corrected, gap_plain)
             np.testing.assert_allclose(((corrected - z0) @ direction).numpy(), 2.0, atol=1e-4)
+
+
+def test_subspace_refinement_recovers_channel_groups_and_keeps_the_largest():
+    """Channels 0-9 mix two hidden signals, channels 10-15 two others: the self-expressive
+    coefficients connect channels only within a group, spectral clustering finds the groups,
+    and the mask is the larger one."""
+    rng = np.random.default_rng(0)
+    signals = rng.standard_normal((4, 8, 4, 4))  # 4 hidden signals over N=8 samples x 4x4 positions
+    group_a = np.einsum("sk,knhw->nshw", rng.standard_normal((10, 2)), signals[:2])
+    group_b = np.einsum("sk,knhw->nshw", rng.standard_normal((6, 2)), signals[2:])
+    features = np.concatenate([group_a, group_b], axis=1)  # [8, 16, 4, 4]
+    coefficients = dplase.self_expressive_coefficients(features, sparsity=0.05)
+    assert np.allclose(np.diag(coefficients), 0)
+    across = np.abs(coefficients[:10, 10:]).sum() + np.abs(coefficients[10:, :10]).sum()
+    assert across < 0.01 * np.abs(coefficients).sum(), "no channel should be explained by the other group"
+    labels = dplase.channel_subspaces(coefficients, 2)
+    assert len(set(labels[:10])) == 1 and len(set(labels[10:])) == 1 and labels[0] != labels[10]
+    mask = dplase.largest_subspace(labels)
+    assert mask[:10].all() and not mask[10:].any()
+    start, walked = np.zeros((1, 16, 2, 2)), np.ones((1, 16, 2, 2))
+    mixed = dplase.mix_features(start, walked, mask)
+    assert (mixed[0, :10] == 1).all() and (mixed[0, 10:] == 0).all()
+
+
+def test_directions_are_named_by_the_attributes_they_move():
+    from latentedit.attributes import Attribute
+
+    rng = np.random.default_rng(1)
+    strides = np.array([-4.0, -2.0, 0.0, 2.0, 4.0])
+    yaw, age = Attribute("pose", "yaw", None), Attribute("age_gender", "age", None)
+    base = rng.standard_normal((30, 1)) * 10
+    values = {yaw: base + 5 * strides + rng.standard_normal((30, 5)),  # moves with the stride
+              age: base + rng.standard_normal((30, 5)) * 3}  # noise only
+    names = dplase.name_direction(3, strides, values)
+    assert names[0].attribute == yaw and names[0].correlation > 0.95 and names[0].slope == pytest.approx(5, abs=0.2)
+    assert abs(names[1].correlation) < 0.3 and names[0].summary() == f"pose.yaw {names[0].correlation:+.2f}"

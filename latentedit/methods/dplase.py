@@ -32,12 +32,15 @@ Where we depart from the paper, and why:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+
+from latentedit.attributes import Attribute
 
 # ---- the density module F (eq. 3-5) -------------------------------------------------------
 
@@ -328,3 +331,86 @@ def discover_directions(features: Callable[[torch.Tensor], torch.Tensor], sample
     metrics = {f"final_{name}": value for name, value in losses.items()}
     metrics["orthogonality_error"] = float(np.abs(raw.T @ raw - np.eye(k)).max())
     return Discovery(directions, density, correction, metrics)
+
+
+# ---- subspace refinement (section 3.3, eq. 12-15) -----------------------------------------
+
+
+def self_expressive_coefficients(features: np.ndarray, sparsity: float) -> np.ndarray:
+    """R [C, C] minimising ||M - M R||_F^2 + eta ||R||_1 with diag(R) = 0 (eq. 13).
+
+    `features` [N, C, ...] -> M [N * positions, C] (columns: flattened channels). Each column of R
+    is one Lasso fit of a channel on all the others (scikit-learn; its objective divides the
+    squared error by 2n, so alpha = eta / 2n)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import Lasso
+
+    n, c = features.shape[:2]
+    matrix = np.moveaxis(features.reshape(n, c, -1), 1, 2).reshape(-1, c).astype(np.float64)
+    coefficients = np.zeros((c, c))
+    lasso = Lasso(alpha=sparsity / (2 * len(matrix)), fit_intercept=False, max_iter=2000, tol=1e-4)
+    with warnings.catch_warnings():
+        # Channels that are exact combinations of others converge slowly; the answer is still usable.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for channel in range(c):
+            others = np.delete(np.arange(c), channel)
+            lasso.fit(matrix[:, others], matrix[:, channel])
+            coefficients[others, channel] = lasso.coef_
+    return coefficients
+
+
+def channel_subspaces(coefficients: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Spectral clustering of the channels on the affinity (|R| + |R^T|) / 2 (eq. 14) -> labels [C]."""
+    from sklearn.cluster import SpectralClustering
+
+    affinity = (np.abs(coefficients) + np.abs(coefficients.T)) / 2
+    affinity = affinity + 1e-9  # isolated channels would leave the graph disconnected
+    return SpectralClustering(count, affinity="precomputed", random_state=seed).fit_predict(affinity)
+
+
+def largest_subspace(labels: np.ndarray) -> np.ndarray:
+    """The binary channel mask m* of the largest cluster [C] (eq. 15)."""
+    values, counts = np.unique(labels, return_counts=True)
+    return labels == values[np.argmax(counts)]
+
+
+def mix_features(start: np.ndarray, walked: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Eq. 15's G2 input: masked channels from the walked features, the rest from the start's.
+
+    Also the paper's feature exchange between two images on one subspace (start = image B,
+    walked = image A)."""
+    keep = mask.reshape(1, -1, *([1] * (start.ndim - 2))).astype(start.dtype)
+    return keep * walked + (1 - keep) * start
+
+
+# ---- naming what was found ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectionName:
+    """How strongly walking along a direction moves one attribute (over seeds and strides)."""
+
+    index: int
+    attribute: Attribute
+    correlation: float  # Pearson, stride vs attribute change from the start
+    slope: float  # attribute change per unit stride (least squares)
+
+    def summary(self) -> str:
+        return f"{self.attribute.name} {self.correlation:+.2f}"
+
+
+def name_direction(index: int, strides: np.ndarray, values: dict[Attribute, np.ndarray], top: int = 3
+                   ) -> list[DirectionName]:
+    """strides [S], values {attribute: [N, S] (per start, per stride)} -> the `top` attributes by
+    |correlation| between the stride and the change of the attribute from the start (stride 0)."""
+    names = []
+    zero = int(np.argmin(np.abs(strides)))
+    for attribute, table in values.items():
+        change = (table - table[:, zero : zero + 1]).reshape(-1)
+        x = np.broadcast_to(strides, table.shape).reshape(-1)
+        if change.std() < 1e-12:
+            continue
+        correlation = float(np.corrcoef(x, change)[0, 1])
+        slope = float((x * change).sum() / (x * x).sum())
+        names.append(DirectionName(index, attribute, correlation, slope))
+    return sorted(names, key=lambda n: -abs(n.correlation))[:top]
