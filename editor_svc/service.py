@@ -41,6 +41,9 @@ def editable_to_proto(editable: Editable) -> editor_pb2.EditableArtifact:
         metrics=editable.metrics,
         job_id=editable.job_id,
         method=editable.method,
+        direction_names=[editor_pb2.DirectionName(direction_index=n.index, attribute=n.attribute.to_ref(),
+                                                  correlation=n.correlation, slope=n.slope, summary=n.summary())
+                         for n in editable.direction_names],
     )
 
 

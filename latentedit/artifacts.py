@@ -18,6 +18,7 @@ BOUNDARY_KIND = "boundary"
 MAPPING_KIND = "mapping"
 CORRELATION_KIND = "correlation-report"
 PCA_KIND = "pca-directions"
+DIRECTIONS_KIND = "directions"
 
 
 def tensors_writer(filename: str, tensors: dict[str, Any]) -> Callable[[Path], None]:

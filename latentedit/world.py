@@ -58,6 +58,11 @@ class World(Protocol):
         """Seeded latents of `space` (default: the generator's first space, its prior)."""
         ...
 
+    def generator_module(self, generator: GeneratorInfo) -> StagedGenerator:
+        """The torch generator in this process, for training that needs gradients through it
+        (no gRPC call carries them): loaded from the model repository by name and version."""
+        ...
+
     def synthesize(self, generator: GeneratorInfo, latents: Latents) -> np.ndarray:
         """Latents -> uint8 NHWC images."""
         ...
@@ -108,6 +113,9 @@ class LocalWorld:
             return self._models[key]
 
     def _model(self, generator: GeneratorInfo) -> StagedGenerator:
+        return self.model(generator.name, generator.version)
+
+    def generator_module(self, generator: GeneratorInfo) -> StagedGenerator:
         return self.model(generator.name, generator.version)
 
     def sample(self, generator: GeneratorInfo, count: int, seed: int, space: str | None = None) -> Latents:

@@ -31,7 +31,7 @@ class Dependencies:
     def job_world(self, ctx: JobContext) -> RemoteWorld:
         scope = CallScope(None, lambda: not ctx.cancel.is_set(), self.call_timeout_s, f"job {ctx.job_id}")
         ctx.on_cancel(scope.cancel)
-        return RemoteWorld(self.services, scope)
+        return RemoteWorld(self.services, scope, self.repo)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class Editable:
     num_directions: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     job_id: str = ""
+    direction_names: tuple[Any, ...] = ()  # unsupervised directions: what each one moves (DirectionName)
 
 
 @dataclass

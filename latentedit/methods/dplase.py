@@ -33,14 +33,36 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from latentedit.artifacts import DIRECTIONS_KIND, load_tensors, resolve_trained, tensors_writer
 from latentedit.attributes import Attribute
+from latentedit.config import EditorConfig
+from latentedit.errors import FailedPrecondition, InvalidArgument
+from latentedit.latents import Latents
+from latentedit.methods.base import (
+    COMPLETED,
+    Editable,
+    Frame,
+    FrameRequest,
+    JobBasics,
+    Method,
+    Progress,
+    Trained,
+    batch_seed,
+    check_finite,
+    check_frames,
+    job_basics,
+    render,
+)
+from latentedit.models.generator import INPUT_LAYER
+from latentedit.repository import Entry, ModelRepository
+from latentedit.world import GeneratorInfo, World
 
 # ---- the density module F (eq. 3-5) -------------------------------------------------------
 
@@ -262,7 +284,8 @@ class Discovery:
 
 def discover_directions(features: Callable[[torch.Tensor], torch.Tensor], sample: Callable[[int, int], torch.Tensor],
                         dim: int, gaussian_prior: bool, options: DiscoveryOptions,
-                        on_step: Callable[[int, dict[str, float]], None] | None = None) -> Discovery:
+                        on_step: Callable[[int, dict[str, float]], None] | None = None,
+                        density_weight: float = 1.0) -> Discovery:
     """Eq. 11: learn Gamma (and F, C where the prior is unknown or `learn_density`).
 
     `features(z)` is G1 (differentiable, flat latents [N, d] -> features [N, C, ...]); `sample(n,
@@ -314,7 +337,7 @@ def discover_directions(features: Callable[[torch.Tensor], torch.Tensor], sample
         if learned:
             assert density is not None
             l_mon, l_lik = density_losses(density, z0.detach(), options.min_slope, grid)
-            loss = loss + l_mon + l_lik + den_loss
+            loss = loss + density_weight * (l_mon + l_lik + den_loss)
             losses.update(monotonicity=float(l_mon.detach()), likelihood=float(l_lik.detach()),
                           density_gap=float(den_loss.detach()) / k)
         optimiser.zero_grad()
@@ -414,3 +437,333 @@ def name_direction(index: int, strides: np.ndarray, values: dict[Attribute, np.n
         slope = float((x * change).sum() / (x * x).sum())
         names.append(DirectionName(index, attribute, correlation, slope))
     return sorted(names, key=lambda n: -abs(n.correlation))[:top]
+
+
+# ---- the method plug-in -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DirectionSpec:
+    """A direction job: where to split G, how to train (eq. 11), refinement and naming."""
+
+    basics: JobBasics
+    layer: str
+    space: str
+    discovery: DiscoveryOptions
+    density_weight: float = 1.0  # on l_mon + l_lik + l_den (1 in eq. 11)
+    num_channel_subspaces: int = 4  # 0: no refinement
+    sparsity_weight: float = 0.5  # eta (eq. 13)
+    subspace_samples: int = 8  # walked samples whose features R is fitted on, per direction
+    naming_samples: int = 24  # starts per direction scored at each naming stride
+
+
+@dataclass(frozen=True)
+class DPLaSEOptions:
+    directions: str
+    direction_index: int = 0
+    start_stride: float = -3.0
+    end_stride: float = 3.0
+    density_preserving: bool = False
+    subspace_refinement: bool = False
+    num_frames: int = 8
+
+
+@dataclass
+class DirectionArtifact:
+    """A loaded directions artifact: Gamma, and F, C and the channel masks when it has them."""
+
+    directions: np.ndarray  # [k, size]
+    space: str
+    layer: str
+    gaussian_prior: bool
+    density: DensityModule | None = None
+    correction: CorrectionModule | None = None
+    masks: np.ndarray | None = None  # [k, C] bool
+    names: tuple[DirectionName, ...] = ()
+
+
+def walk(artifact: DirectionArtifact, start: np.ndarray, index: int, stride: float, density_preserving: bool
+         ) -> np.ndarray:
+    """Flat latents [N, d] after a walk of `stride` along direction `index` (eq. 1, 2 or 6)."""
+    z0 = torch.from_numpy(np.ascontiguousarray(start, np.float32))
+    direction = torch.from_numpy(artifact.directions[index])
+    strides = torch.full((len(z0),), float(stride))
+    with torch.no_grad():
+        if not density_preserving:
+            return linear_walk(z0, direction, strides).numpy()
+        if artifact.gaussian_prior:
+            return norm_preserving_walk(z0, direction, strides).numpy()
+        assert artifact.correction is not None
+        return corrected_walk(z0, direction, strides, artifact.correction).numpy()
+
+
+class DPLaSE(Method):
+    name = "dplase"
+    title = "DP-LaSE density-preserving directions"
+    artifact_kind = DIRECTIONS_KIND
+    jobs = ("directions",)
+
+    # ---- editing ------------------------------------------------------------------------
+
+    def edit_options(self, message, num_frames: int, limits: EditorConfig) -> DPLaSEOptions:
+        check_finite(start_stride=message.start_stride, end_stride=message.end_stride)
+        if message.direction_index < 0:
+            raise InvalidArgument(f"direction_index {message.direction_index} must be >= 0")
+        if message.HasField("rows"):
+            raise InvalidArgument("rows: DP-LaSE walks move the whole latent (its density is over all of it); "
+                                  "leave rows unset")
+        return DPLaSEOptions(message.directions, message.direction_index, message.start_stride, message.end_stride,
+                             message.density_preserving, message.subspace_refinement, check_frames(num_frames, limits))
+
+    def prepare(self, repo: ModelRepository, generator: GeneratorInfo, options: DPLaSEOptions) -> DirectionArtifact:
+        entry = resolve_trained(repo, DIRECTIONS_KIND, "DP-LaSE directions", options.directions,
+                                generator=generator.name)
+        artifact = load_directions(entry)
+        count = len(artifact.directions)
+        if not 0 <= options.direction_index < count:
+            raise InvalidArgument(f"direction_index {options.direction_index} is out of range: {options.directions!r} "
+                                  f"has {count} directions (0..{count - 1})")
+        space = generator.space(artifact.space)
+        if space.size != artifact.directions.shape[1]:
+            raise FailedPrecondition(f"{options.directions!r} holds directions of {artifact.directions.shape[1]} values; "
+                                     f"{generator.name}'s {space.space} has {space.size}")
+        if options.density_preserving and not artifact.gaussian_prior and artifact.correction is None:
+            raise FailedPrecondition(f"{options.directions!r} was trained without the density module F and the "
+                                     "correction C, which walks in a space without a known prior need; retrain it "
+                                     "with learn_density")
+        if options.subspace_refinement and artifact.masks is None:
+            raise FailedPrecondition(f"{options.directions!r} has no channel subspaces; retrain it with "
+                                     "num_channel_subspaces > 0")
+        generator.spec.layer_index(artifact.layer)
+        return artifact
+
+    def edit(self, world: World, generator: GeneratorInfo, artifact: DirectionArtifact, start: Latents,
+             options: DPLaSEOptions, frames: FrameRequest) -> Iterator[Frame]:
+        strides = np.linspace(options.start_stride, options.end_stride, options.num_frames)
+        flat = start.flat()
+        start_density = self._log_density(artifact, flat)
+        start_features = None
+        if options.subspace_refinement:
+            start_features = world.features(generator, start, [artifact.layer])[artifact.layer]
+        for index, stride in enumerate(strides):
+            latents = start.replace(walk(artifact, flat, options.direction_index, stride, options.density_preserving))
+            metrics = {"stride": float(stride)}
+            if start_density is not None:
+                metrics["log_density_change"] = float(np.mean(self._log_density(artifact, latents.flat()) - start_density))
+            if start_features is None:
+                images, scores = render(world, generator, latents, frames)
+            else:
+                assert artifact.masks is not None
+                walked = world.features(generator, latents, [artifact.layer])[artifact.layer]
+                mixed = mix_features(start_features, walked, artifact.masks[options.direction_index])
+                images = world.synthesize_from(generator, artifact.layer, mixed)
+                scores = world.score(images, list(frames.heads)) if frames.heads else {}
+            yield Frame(index, latents, images if frames.images else None, scores, metrics,
+                        COMPLETED if index == options.num_frames - 1 else "")
+
+    @staticmethod
+    def _log_density(artifact: DirectionArtifact, flat: np.ndarray) -> np.ndarray | None:
+        if artifact.density is None:
+            return None
+        with torch.no_grad():
+            return artifact.density.log_density(torch.from_numpy(np.ascontiguousarray(flat, np.float32))).numpy()
+
+    # ---- training -----------------------------------------------------------------------
+
+    def job_spec(self, kind: str, message, world: World, repo: ModelRepository) -> DirectionSpec:
+        from latentedit.wire import space_name
+
+        if kind != "directions":
+            return super().job_spec(kind, message, world, repo)
+        check_finite(similarity_weight=message.similarity_weight, orthogonality_weight=message.orthogonality_weight,
+                     density_weight=message.density_weight, max_stride=message.max_stride,
+                     sparsity_weight=message.sparsity_weight)
+        basics = job_basics(world, message.generator, message.options,
+                            lambda g: f"{g.name}-dplase-{message.layer or default_layer(g)}", default_batch=16)
+        layers = [layer.name for layer in basics.generator.spec.layers[1:-1]]
+        layer = message.layer or default_layer(basics.generator)
+        basics.generator.spec.layer_index(layer)  # NOT_FOUND names the layers
+        if layer not in layers:
+            raise InvalidArgument(f"layer {layer!r}: G1/G2 must split at an intermediate layer; layers: {', '.join(layers)}")
+        space = basics.generator.space(space_name(message.space))
+        defaults = DiscoveryOptions()
+        directions = message.num_directions or defaults.num_directions
+        if not 1 <= directions <= min(space.size, 512):
+            raise InvalidArgument(f"num_directions {directions} must be in 1..{min(space.size, 512)}")
+        for field_name in ("similarity_weight", "orthogonality_weight", "density_weight", "max_stride", "sparsity_weight"):
+            if getattr(message, field_name) < 0:
+                raise InvalidArgument(f"{field_name} {getattr(message, field_name)} must be >= 0 (0: the default)")
+        steps = message.options.steps or defaults.steps
+        if not 1 <= steps <= 1_000_000:
+            raise InvalidArgument(f"options.steps {steps} must be in 1..1000000")
+        check_finite(learning_rate=message.options.learning_rate)
+        if message.options.learning_rate < 0:
+            raise InvalidArgument(f"options.learning_rate {message.options.learning_rate} must be >= 0 (0: the default)")
+        subspaces = message.num_channel_subspaces
+        channels = basics.generator.spec.layers[basics.generator.spec.layer_index(layer)].shape[0]
+        if not 0 <= subspaces <= channels:
+            raise InvalidArgument(f"num_channel_subspaces {subspaces} must be in 0..{channels} (0: no refinement)")
+        samples = message.num_samples or DirectionSpec.naming_samples
+        if not 2 <= samples <= 1024:
+            raise InvalidArgument(f"num_samples {samples} must be in 2..1024 (starts per direction used to name it)")
+        discovery = DiscoveryOptions(
+            num_directions=directions, max_stride=message.max_stride or defaults.max_stride,
+            similarity_weight=message.similarity_weight or defaults.similarity_weight,
+            orthogonality_weight=message.orthogonality_weight or defaults.orthogonality_weight,
+            learn_density=message.learn_density, steps=steps, batch_size=basics.batch_size, seed=basics.seed,
+            learning_rate=message.options.learning_rate or defaults.learning_rate)
+        return DirectionSpec(basics, layer, space.space, discovery, message.density_weight or 1.0, subspaces,
+                             message.sparsity_weight or DirectionSpec.sparsity_weight, naming_samples=samples)
+
+    def train(self, world: World, spec: DirectionSpec, progress: Progress) -> Trained:
+        b = spec.basics
+        space = b.generator.space(spec.space)
+        model = world.generator_module(b.generator)
+        layer = spec.layer
+
+        def features(flat: torch.Tensor) -> torch.Tensor:
+            x = model.latents_to_input(flat.reshape(len(flat), *space.shape), space.space)
+            return model.run(x, INPUT_LAYER, [layer])[layer]
+
+        def sample(count: int, seed: int) -> torch.Tensor:
+            return torch.from_numpy(model.sample(space, count, seed).reshape(count, -1))
+
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        steps = spec.discovery.steps
+
+        def on_step(step: int, losses: dict[str, float]) -> None:
+            progress.check()
+            if step % 10 == 0 or step == steps - 1:
+                progress.report("learning directions", 0.75 * (step + 1) / steps, losses)
+
+        found = discover_directions(features, sample, space.size, space.prior == "normal", spec.discovery, on_step,
+                                    density_weight=spec.density_weight)
+        artifact = DirectionArtifact(found.directions, space.space, layer, space.prior == "normal" and not
+                                     spec.discovery.learn_density, found.density, found.correction)
+        if spec.num_channel_subspaces:
+            artifact.masks = self._subspaces(world, b, spec, artifact, progress)
+        artifact.names = self._names(world, b, spec, artifact, progress)
+        metrics = {**found.metrics, "num_directions": float(len(found.directions)),
+                   "named_above_0.5": float(sum(1 for n in artifact.names if abs(n.correlation) > 0.5 and
+                                               n == _best(artifact.names, n.index)))}
+        progress.report("writing the directions", 0.98, metrics)
+        return Trained(DIRECTIONS_KIND, b.name, b.generator, space.space, metrics, {"directions": "directions.safetensors"},
+                       tensors_writer("directions.safetensors", directions_tensors(artifact)),
+                       {"layer": layer, "gaussian_prior": artifact.gaussian_prior,
+                        "density_hidden": spec.discovery.density_hidden,
+                        "correction_hidden": spec.discovery.correction_hidden,
+                        "names": [_name_to_dict(n) for n in artifact.names]}, artifact)
+
+    def _subspaces(self, world: World, b: JobBasics, spec: DirectionSpec, artifact: DirectionArtifact,
+                   progress: Progress) -> np.ndarray:
+        rng = np.random.default_rng(b.seed)
+        masks = []
+        count = len(artifact.directions)
+        for index in range(count):
+            progress.check()
+            start = world.sample(b.generator, spec.subspace_samples, batch_seed(b.seed, 10_000 + index), spec.space)
+            strides = rng.uniform(-spec.discovery.max_stride, spec.discovery.max_stride, len(start))
+            walked = np.concatenate([walk(artifact, start.flat()[i:i + 1], index, s, True) for i, s in enumerate(strides)])
+            feats = world.features(b.generator, start.replace(walked), [spec.layer])[spec.layer]
+            labels = channel_subspaces(self_expressive_coefficients(feats, spec.sparsity_weight),
+                                       spec.num_channel_subspaces, b.seed)
+            masks.append(largest_subspace(labels))
+            progress.report("refining channel subspaces", 0.75 + 0.1 * (index + 1) / count)
+        return np.stack(masks)
+
+    def _names(self, world: World, b: JobBasics, spec: DirectionSpec, artifact: DirectionArtifact,
+               progress: Progress) -> tuple[DirectionName, ...]:
+        attributes = scalar_attributes(world.heads())
+        if not attributes:
+            return ()
+        heads = sorted({a.head for a in attributes})
+        reach = min(spec.discovery.max_stride, 3.0)
+        strides = np.linspace(-reach, reach, 5)
+        names: list[DirectionName] = []
+        count = len(artifact.directions)
+        for index in range(count):
+            progress.check()
+            start = world.sample(b.generator, spec.naming_samples, batch_seed(b.seed, 20_000 + index), spec.space)
+            values: dict[Attribute, list[np.ndarray]] = {a: [] for a in attributes}
+            for stride in strides:
+                latents = start.replace(walk(artifact, start.flat(), index, stride, True))
+                scores = world.score(world.synthesize(b.generator, latents), heads)
+                for attribute in attributes:
+                    values[attribute].append(attribute.extract(scores))
+            names += name_direction(index, strides, {a: np.stack(v, axis=1) for a, v in values.items()})
+            progress.report("naming directions with the scorer", 0.85 + 0.12 * (index + 1) / count)
+        return tuple(names)
+
+    # ---- listing ------------------------------------------------------------------------
+
+    def describe(self, entry: Entry) -> Editable:
+        editable = super().describe(entry)
+        names = tuple(_name_from_dict(n) for n in entry.manifest.get("names", []))
+        return Editable(**{**editable.__dict__, "num_directions": int(editable.metrics.get("num_directions", 0)),
+                           "direction_names": names})
+
+
+def default_layer(generator: GeneratorInfo) -> str:
+    """The paper's split: the third intermediate layer (or the last one a shorter generator has)."""
+    intermediate = [layer.name for layer in generator.spec.layers[1:-1]]
+    return intermediate[min(2, len(intermediate) - 1)]
+
+
+def scalar_attributes(heads) -> list[Attribute]:
+    """Every scalar a scorer offers to name directions by: scalar outputs and labelled entries."""
+    found = []
+    for head in heads:
+        for output in head.outputs:
+            shape = list(output.shape)
+            if not shape:
+                found.append(Attribute(head.name, output.name, None))
+            elif len(shape) == 1 and output.labels and len(output.labels) == shape[0]:
+                found += [Attribute(head.name, output.name, i, label) for i, label in enumerate(output.labels)]
+    return found
+
+
+def _best(names: tuple[DirectionName, ...], index: int) -> DirectionName | None:
+    mine = [n for n in names if n.index == index]
+    return max(mine, key=lambda n: abs(n.correlation)) if mine else None
+
+
+def _name_to_dict(name: DirectionName) -> dict:
+    return {"index": name.index, "attribute": name.attribute.to_dict(), "correlation": name.correlation,
+            "slope": name.slope}
+
+
+def _name_from_dict(data: dict) -> DirectionName:
+    return DirectionName(int(data["index"]), Attribute.from_dict(data["attribute"]), float(data["correlation"]),
+                         float(data["slope"]))
+
+
+def directions_tensors(artifact: DirectionArtifact) -> dict[str, torch.Tensor | np.ndarray]:
+    tensors: dict[str, torch.Tensor | np.ndarray] = {"directions": artifact.directions}
+    if artifact.masks is not None:
+        tensors["subspace_masks"] = artifact.masks.astype(np.uint8)
+    for prefix, module in (("density.", artifact.density), ("correction.", artifact.correction)):
+        if module is not None:
+            tensors.update({prefix + k: v for k, v in module.state_dict().items()})
+    return tensors
+
+
+def load_directions(entry: Entry) -> DirectionArtifact:
+    tensors = load_tensors(entry, "directions")
+    manifest = entry.manifest
+    directions = tensors["directions"].numpy()
+    artifact = DirectionArtifact(directions, manifest.get("space", "z"), manifest["layer"],
+                                 bool(manifest.get("gaussian_prior", True)),
+                                 names=tuple(_name_from_dict(n) for n in manifest.get("names", [])))
+    if "subspace_masks" in tensors:
+        artifact.masks = tensors["subspace_masks"].numpy().astype(bool)
+    dim = directions.shape[1]
+    if any(k.startswith("density.") for k in tensors):
+        density = DensityModule(dim, int(manifest.get("density_hidden", 32)))
+        density.load_state_dict({k[len("density."):]: v for k, v in tensors.items() if k.startswith("density.")})
+        artifact.density = density.eval()
+    if any(k.startswith("correction.") for k in tensors):
+        correction = CorrectionModule(dim, int(manifest.get("correction_hidden", 256)))
+        correction.load_state_dict({k[len("correction."):]: v for k, v in tensors.items() if k.startswith("correction.")})
+        artifact.correction = correction.eval()
+    return artifact

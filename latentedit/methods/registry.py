@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from latentedit.errors import InvalidArgument, Unimplemented
 from latentedit.methods.base import Method
+from latentedit.methods.dplase import DPLaSE
 from latentedit.methods.ganspace import GANSpace
 from latentedit.methods.interfacegan import InterFaceGAN
 from latentedit.methods.sgf import SGF
 
-METHODS: dict[str, Method] = {m.name: m for m in (InterFaceGAN(), SGF(), GANSpace())}
+METHODS: dict[str, Method] = {m.name: m for m in (InterFaceGAN(), SGF(), GANSpace(), DPLaSE())}
 
 # Methods whose slots exist in the API (messages, job specs) but whose modules are not built yet.
-PLANNED = {"wstar": "W* edits (RealNVP proxy space)", "dplase": "DP-LaSE edits (density-preserving directions)"}
-PLANNED_JOBS = {"flow": "W* flow", "directions": "DP-LaSE direction"}
+PLANNED = {"wstar": "W* edits (RealNVP proxy space)"}
+PLANNED_JOBS = {"flow": "W* flow"}
 
 
 def method(name: str | None) -> Method:

@@ -18,9 +18,10 @@ import numpy as np
 
 from latentedit import wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc, types_pb2
-from latentedit.errors import Cancelled, DeadlineExceeded, NotFound
+from latentedit.errors import Cancelled, DeadlineExceeded, FailedPrecondition, NotFound
 from latentedit.latents import Latents
-from latentedit.models.generator import IMAGE_LAYER
+from latentedit.models.generator import IMAGE_LAYER, StagedGenerator
+from latentedit.repository import ModelRepository
 from latentedit.rpc.client import connect, dependency
 from latentedit.scoring.base import OutputSpec
 from latentedit.world import GeneratorInfo, HeadInfo, Scores
@@ -112,9 +113,10 @@ class Services:
 class RemoteWorld:
     """The World through generator_svc and scorer_svc, under one caller's `CallScope`."""
 
-    def __init__(self, services: Services, scope: CallScope) -> None:
+    def __init__(self, services: Services, scope: CallScope, repo: ModelRepository | None = None) -> None:
         self.services = services
         self.scope = scope
+        self.repo = repo  # for generator_module: the trainer shares the generator's repository
         self._heads: list[HeadInfo] | None = None
 
     def _generator_call(self, method, request):
@@ -143,6 +145,12 @@ class RemoteWorld:
             raise NotFound(f"generator {wanted!r} has no version {version}; versions: {list(info.versions)}")
         names = ", ".join(m.ref.name for m in response.models) or "none"
         raise NotFound(f"no generator named {wanted!r}; generators: {names}")
+
+    def generator_module(self, generator: GeneratorInfo) -> StagedGenerator:
+        if self.repo is None:
+            raise FailedPrecondition("this work needs gradients through the generator, so its weights in this "
+                                     "process; this service has no model repository to load them from")
+        return _local_generator(self.repo, generator.name, generator.version)
 
     def sample(self, generator: GeneratorInfo, count: int, seed: int, space: str | None = None) -> Latents:
         spec = generator.space(space)
@@ -191,3 +199,18 @@ class RemoteWorld:
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         response = self._scorer_call(self.services.scorer.EmbedText, scorer_pb2.EmbedTextRequest(texts=list(texts)))
         return wire.from_tensor(response.embeddings, field="embeddings")
+
+
+_LOCAL_GENERATORS: dict[tuple[str, str, int], StagedGenerator] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def _local_generator(repo: ModelRepository, name: str, version: int) -> StagedGenerator:
+    """A process-wide cache of generators loaded for gradients (one copy per name and version)."""
+    from latentedit.models.registry import load_generator
+
+    key = (str(repo.root), name, version)
+    with _LOCAL_LOCK:
+        if key not in _LOCAL_GENERATORS:
+            _LOCAL_GENERATORS[key] = load_generator(repo.resolve(name, version, kind="generator"))
+        return _LOCAL_GENERATORS[key]

@@ -27,7 +27,7 @@ from latentedit.api.v1 import trainer_pb2 as latentedit_dot_v1_dot_trainer__pb2
 from latentedit.api.v1 import types_pb2 as latentedit_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alatentedit/v1/editor.proto\x12\rlatentedit.v1\x1a\x1blatentedit/v1/trainer.proto\x1a\x19latentedit/v1/types.proto\"\xf4\x02\n\x10\x45\x64itableArtifact\x12,\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x1a.latentedit.v1.ArtifactRef\x12/\n\nattributes\x18\x02 \x03(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12/\n\tcondition\x18\x03 \x01(\x0e\x32\x1c.latentedit.v1.ConditionKind\x12\x16\n\x0enum_directions\x18\x04 \x01(\x05\x12)\n\x05space\x18\x05 \x01(\x0e\x32\x1a.latentedit.v1.LatentSpace\x12=\n\x07metrics\x18\x06 \x03(\x0b\x32,.latentedit.v1.EditableArtifact.MetricsEntry\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x10ListEditsRequest\x12*\n\tgenerator\x18\x01 \x01(\x0b\x32\x17.latentedit.v1.ModelRef\"C\n\x11ListEditsResponse\x12.\n\x05\x65\x64its\x18\x01 \x03(\x0b\x32\x1f.latentedit.v1.EditableArtifact\"(\n\tSeedStart\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xae\x01\n\x10InterFaceGANEdit\x12\x10\n\x08\x62oundary\x18\x01 \x01(\t\x12\x1c\n\x14\x63ondition_boundaries\x18\x02 \x03(\t\x12\x16\n\x0estart_distance\x18\x03 \x01(\x02\x12\x14\n\x0c\x65nd_distance\x18\x04 \x01(\x02\x12\x15\n\rfrom_boundary\x18\x05 \x01(\x08\x12%\n\x04rows\x18\x06 \x01(\x0b\x32\x17.latentedit.v1.RowRange\"\xd9\x01\n\tWStarEdit\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12.\n\tattribute\x18\x02 \x01(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12\x39\n\x14\x63ondition_attributes\x18\x03 \x03(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12\x16\n\x0estart_distance\x18\x04 \x01(\x02\x12\x14\n\x0c\x65nd_distance\x18\x05 \x01(\x02\x12%\n\x04rows\x18\x06 \x01(\x0b\x32\x17.latentedit.v1.RowRange\"\xc3\x01\n\nDPLaSEEdit\x12\x12\n\ndirections\x18\x01 \x01(\t\x12\x17\n\x0f\x64irection_index\x18\x02 \x01(\x05\x12\x14\n\x0cstart_stride\x18\x03 \x01(\x02\x12\x12\n\nend_stride\x18\x04 \x01(\x02\x12\x1a\n\x12\x64\x65nsity_preserving\x18\x05 \x01(\x08\x12\x1b\n\x13subspace_refinement\x18\x06 \x01(\x08\x12%\n\x04rows\x18\x07 \x01(\x0b\x32\x17.latentedit.v1.RowRange\"\x8a\x01\n\x0cGANSpaceEdit\x12\x12\n\ndirections\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\x05\x12\x16\n\x0estart_distance\x18\x03 \x01(\x02\x12\x14\n\x0c\x65nd_distance\x18\x04 \x01(\x02\x12%\n\x04rows\x18\x05 \x01(\x0b\x32\x17.latentedit.v1.RowRange\"@\n\x0f\x41ttributeTarget\x12-\n\x06values\x18\x01 \x03(\x0b\x32\x1d.latentedit.v1.AttributeValue\"O\n\x0e\x41ttributeValue\x12.\n\tattribute\x18\x01 \x01(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12\r\n\x05value\x18\x02 \x01(\x02\"7\n\x0eKeypointTarget\x12%\n\x06points\x18\x01 \x01(\x0b\x32\x15.latentedit.v1.Tensor\"\x1d\n\rCaptionTarget\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x8f\x02\n\x07SGFEdit\x12\x0f\n\x07mapping\x18\x01 \x01(\t\x12\x34\n\nattributes\x18\x02 \x01(\x0b\x32\x1e.latentedit.v1.AttributeTargetH\x00\x12\x32\n\tkeypoints\x18\x03 \x01(\x0b\x32\x1d.latentedit.v1.KeypointTargetH\x00\x12/\n\x07\x63\x61ption\x18\x04 \x01(\x0b\x32\x1c.latentedit.v1.CaptionTargetH\x00\x12\x11\n\tstep_size\x18\x05 \x01(\x02\x12\x15\n\rneumann_order\x18\x06 \x01(\x05\x12\x11\n\tmax_steps\x18\x07 \x01(\x05\x12\x11\n\ttolerance\x18\x08 \x01(\x02\x42\x08\n\x06target\"\xfe\x03\n\x0b\x45\x64itRequest\x12*\n\tgenerator\x18\x01 \x01(\x0b\x32\x17.latentedit.v1.ModelRef\x12(\n\x04seed\x18\x02 \x01(\x0b\x32\x18.latentedit.v1.SeedStartH\x00\x12)\n\x07latents\x18\x03 \x01(\x0b\x32\x16.latentedit.v1.LatentsH\x00\x12\x37\n\x0cinterfacegan\x18\n \x01(\x0b\x32\x1f.latentedit.v1.InterFaceGANEditH\x01\x12)\n\x05wstar\x18\x0b \x01(\x0b\x32\x18.latentedit.v1.WStarEditH\x01\x12+\n\x06\x64plase\x18\x0c \x01(\x0b\x32\x19.latentedit.v1.DPLaSEEditH\x01\x12%\n\x03sgf\x18\r \x01(\x0b\x32\x16.latentedit.v1.SGFEditH\x01\x12/\n\x08ganspace\x18\x0e \x01(\x0b\x32\x1b.latentedit.v1.GANSpaceEditH\x01\x12\x12\n\nnum_frames\x18\x14 \x01(\x05\x12\x13\n\x0bscore_heads\x18\x15 \x03(\t\x12\x34\n\x0eimage_encoding\x18\x16 \x01(\x0e\x32\x1c.latentedit.v1.ImageEncoding\x12\x13\n\x0bomit_images\x18\x17 \x01(\x08\x42\x07\n\x05startB\x08\n\x06method\"\xb1\x02\n\tEditFrame\x12\r\n\x05index\x18\x01 \x01(\x05\x12\'\n\x07latents\x18\x02 \x01(\x0b\x32\x16.latentedit.v1.Latents\x12)\n\x06images\x18\x03 \x01(\x0b\x32\x19.latentedit.v1.ImageBatch\x12)\n\x06scores\x18\x04 \x03(\x0b\x32\x19.latentedit.v1.HeadOutput\x12.\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x19.latentedit.v1.StopReason\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.latentedit.v1.EditFrame.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdb\x01\n\rInvertRequest\x12*\n\tgenerator\x18\x01 \x01(\x0b\x32\x17.latentedit.v1.ModelRef\x12)\n\x06images\x18\x02 \x01(\x0b\x32\x19.latentedit.v1.ImageBatch\x12)\n\x05space\x18\x03 \x01(\x0e\x32\x1a.latentedit.v1.LatentSpace\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x14\n\x0creport_every\x18\x07 \x01(\x05\"\xd3\x01\n\x0eInvertProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x33\n\x14reconstruction_error\x18\x03 \x01(\x0b\x32\x15.latentedit.v1.Tensor\x12\'\n\x07latents\x18\x04 \x01(\x0b\x32\x16.latentedit.v1.Latents\x12\x32\n\x0freconstructions\x18\x05 \x01(\x0b\x32\x19.latentedit.v1.ImageBatch\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08*\x9a\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15STOP_REASON_COMPLETED\x10\x01\x12\x1e\n\x1aSTOP_REASON_TARGET_REACHED\x10\x02\x12\x1a\n\x16STOP_REASON_STEP_LIMIT\x10\x03\x12\x18\n\x14STOP_REASON_DIVERGED\x10\x04\x32\xe8\x01\n\rEditorService\x12N\n\tListEdits\x12\x1f.latentedit.v1.ListEditsRequest\x1a .latentedit.v1.ListEditsResponse\x12>\n\x04\x45\x64it\x12\x1a.latentedit.v1.EditRequest\x1a\x18.latentedit.v1.EditFrame0\x01\x12G\n\x06Invert\x12\x1c.latentedit.v1.InvertRequest\x1a\x1d.latentedit.v1.InvertProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alatentedit/v1/editor.proto\x12\rlatentedit.v1\x1a\x1blatentedit/v1/trainer.proto\x1a\x19latentedit/v1/types.proto\"\xab\x03\n\x10\x45\x64itableArtifact\x12,\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x1a.latentedit.v1.ArtifactRef\x12/\n\nattributes\x18\x02 \x03(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12/\n\tcondition\x18\x03 \x01(\x0e\x32\x1c.latentedit.v1.ConditionKind\x12\x16\n\x0enum_directions\x18\x04 \x01(\x05\x12)\n\x05space\x18\x05 \x01(\x0e\x32\x1a.latentedit.v1.LatentSpace\x12=\n\x07metrics\x18\x06 \x03(\x0b\x32,.latentedit.v1.EditableArtifact.MetricsEntry\x12\x0e\n\x06job_id\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x35\n\x0f\x64irection_names\x18\t \x03(\x0b\x32\x1c.latentedit.v1.DirectionName\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8d\x01\n\rDirectionName\x12\x17\n\x0f\x64irection_index\x18\x01 \x01(\x05\x12.\n\tattribute\x18\x02 \x01(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12\x13\n\x0b\x63orrelation\x18\x03 \x01(\x01\x12\r\n\x05slope\x18\x04 \x01(\x01\x12\x0f\n\x07summary\x18\x05 \x01(\t\">\n\x10ListEditsRequest\x12*\n\tgenerator\x18\x01 \x01(\x0b\x32\x17.latentedit.v1.ModelRef\"C\n\x11ListEditsResponse\x12.\n\x05\x65\x64its\x18\x01 \x03(\x0b\x32\x1f.latentedit.v1.EditableArtifact\"(\n\tSeedStart\x12\x0c\n\x04seed\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\xae\x01\n\x10InterFaceGANEdit\x12\x10\n\x08\x62oundary\x18\x01 \x01(\t\x12\x1c\n\x14\x63ondition_boundaries\x18\x02 \x03(\t\x12\x16\n\x0estart_distance\x18\x03 \x01(\x02\x12\x14\n\x0c\x65nd_distance\x18\x04 \x01(\x02\x12\x15\n\rfrom_boundary\x18\x05 \x01(\x08\x12%\n\x04rows\x18\x06 \x01(\x0b\x32\x17.latentedit.v1.RowRange\"\xd9\x01\n\tWStarEdit\x12\x0c\n\x04\x66low\x18\x01 \x01(\t\x12.\n\tattribute\x18\x02 \x01(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12\x39\n\x14\x63ondition_attributes\x18\x03 \x03(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12\x16\n\x0estart_distance\x18\x04 \x01(\x02\x12\x14\n\x0c\x65nd_distance\x18\x05 \x01(\x02\x12%\n\x04rows\x18\x06 \x01(\x0b\x32\x17.latentedit.v1.RowRange\"\xc3\x01\n\nDPLaSEEdit\x12\x12\n\ndirections\x18\x01 \x01(\t\x12\x17\n\x0f\x64irection_index\x18\x02 \x01(\x05\x12\x14\n\x0cstart_stride\x18\x03 \x01(\x02\x12\x12\n\nend_stride\x18\x04 \x01(\x02\x12\x1a\n\x12\x64\x65nsity_preserving\x18\x05 \x01(\x08\x12\x1b\n\x13subspace_refinement\x18\x06 \x01(\x08\x12%\n\x04rows\x18\x07 \x01(\x0b\x32\x17.latentedit.v1.RowRange\"\x8a\x01\n\x0cGANSpaceEdit\x12\x12\n\ndirections\x18\x01 \x01(\t\x12\x11\n\tcomponent\x18\x02 \x01(\x05\x12\x16\n\x0estart_distance\x18\x03 \x01(\x02\x12\x14\n\x0c\x65nd_distance\x18\x04 \x01(\x02\x12%\n\x04rows\x18\x05 \x01(\x0b\x32\x17.latentedit.v1.RowRange\"@\n\x0f\x41ttributeTarget\x12-\n\x06values\x18\x01 \x03(\x0b\x32\x1d.latentedit.v1.AttributeValue\"O\n\x0e\x41ttributeValue\x12.\n\tattribute\x18\x01 \x01(\x0b\x32\x1b.latentedit.v1.AttributeRef\x12\r\n\x05value\x18\x02 \x01(\x02\"7\n\x0eKeypointTarget\x12%\n\x06points\x18\x01 \x01(\x0b\x32\x15.latentedit.v1.Tensor\"\x1d\n\rCaptionTarget\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x8f\x02\n\x07SGFEdit\x12\x0f\n\x07mapping\x18\x01 \x01(\t\x12\x34\n\nattributes\x18\x02 \x01(\x0b\x32\x1e.latentedit.v1.AttributeTargetH\x00\x12\x32\n\tkeypoints\x18\x03 \x01(\x0b\x32\x1d.latentedit.v1.KeypointTargetH\x00\x12/\n\x07\x63\x61ption\x18\x04 \x01(\x0b\x32\x1c.latentedit.v1.CaptionTargetH\x00\x12\x11\n\tstep_size\x18\x05 \x01(\x02\x12\x15\n\rneumann_order\x18\x06 \x01(\x05\x12\x11\n\tmax_steps\x18\x07 \x01(\x05\x12\x11\n\ttolerance\x18\x08 \x01(\x02\x42\x08\n\x06target\"\xfe\x03\n\x0b\x45\x64itRequest\x12*\n\tgenerator\x18\x01 \x01(\x0b\x32\x17.latentedit.v1.ModelRef\x12(\n\x04seed\x18\x02 \x01(\x0b\x32\x18.latentedit.v1.SeedStartH\x00\x12)\n\x07latents\x18\x03 \x01(\x0b\x32\x16.latentedit.v1.LatentsH\x00\x12\x37\n\x0cinterfacegan\x18\n \x01(\x0b\x32\x1f.latentedit.v1.InterFaceGANEditH\x01\x12)\n\x05wstar\x18\x0b \x01(\x0b\x32\x18.latentedit.v1.WStarEditH\x01\x12+\n\x06\x64plase\x18\x0c \x01(\x0b\x32\x19.latentedit.v1.DPLaSEEditH\x01\x12%\n\x03sgf\x18\r \x01(\x0b\x32\x16.latentedit.v1.SGFEditH\x01\x12/\n\x08ganspace\x18\x0e \x01(\x0b\x32\x1b.latentedit.v1.GANSpaceEditH\x01\x12\x12\n\nnum_frames\x18\x14 \x01(\x05\x12\x13\n\x0bscore_heads\x18\x15 \x03(\t\x12\x34\n\x0eimage_encoding\x18\x16 \x01(\x0e\x32\x1c.latentedit.v1.ImageEncoding\x12\x13\n\x0bomit_images\x18\x17 \x01(\x08\x42\x07\n\x05startB\x08\n\x06method\"\xb1\x02\n\tEditFrame\x12\r\n\x05index\x18\x01 \x01(\x05\x12\'\n\x07latents\x18\x02 \x01(\x0b\x32\x16.latentedit.v1.Latents\x12)\n\x06images\x18\x03 \x01(\x0b\x32\x19.latentedit.v1.ImageBatch\x12)\n\x06scores\x18\x04 \x03(\x0b\x32\x19.latentedit.v1.HeadOutput\x12.\n\x0bstop_reason\x18\x05 \x01(\x0e\x32\x19.latentedit.v1.StopReason\x12\x36\n\x07metrics\x18\x06 \x03(\x0b\x32%.latentedit.v1.EditFrame.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xdb\x01\n\rInvertRequest\x12*\n\tgenerator\x18\x01 \x01(\x0b\x32\x17.latentedit.v1.ModelRef\x12)\n\x06images\x18\x02 \x01(\x0b\x32\x19.latentedit.v1.ImageBatch\x12)\n\x05space\x18\x03 \x01(\x0e\x32\x1a.latentedit.v1.LatentSpace\x12\r\n\x05steps\x18\x04 \x01(\x05\x12\x15\n\rlearning_rate\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x14\n\x0creport_every\x18\x07 \x01(\x05\"\xd3\x01\n\x0eInvertProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\x33\n\x14reconstruction_error\x18\x03 \x01(\x0b\x32\x15.latentedit.v1.Tensor\x12\'\n\x07latents\x18\x04 \x01(\x0b\x32\x16.latentedit.v1.Latents\x12\x32\n\x0freconstructions\x18\x05 \x01(\x0b\x32\x19.latentedit.v1.ImageBatch\x12\x0c\n\x04\x64one\x18\x06 \x01(\x08*\x9a\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x19\n\x15STOP_REASON_COMPLETED\x10\x01\x12\x1e\n\x1aSTOP_REASON_TARGET_REACHED\x10\x02\x12\x1a\n\x16STOP_REASON_STEP_LIMIT\x10\x03\x12\x18\n\x14STOP_REASON_DIVERGED\x10\x04\x32\xe8\x01\n\rEditorService\x12N\n\tListEdits\x12\x1f.latentedit.v1.ListEditsRequest\x1a .latentedit.v1.ListEditsResponse\x12>\n\x04\x45\x64it\x12\x1a.latentedit.v1.EditRequest\x1a\x18.latentedit.v1.EditFrame0\x01\x12G\n\x06Invert\x12\x1c.latentedit.v1.InvertRequest\x1a\x1d.latentedit.v1.InvertProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,46 +38,48 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EDITABLEARTIFACT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_EDITFRAME_METRICSENTRY']._loaded_options = None
   _globals['_EDITFRAME_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_STOPREASON']._serialized_start=3154
-  _globals['_STOPREASON']._serialized_end=3308
+  _globals['_STOPREASON']._serialized_start=3353
+  _globals['_STOPREASON']._serialized_end=3507
   _globals['_EDITABLEARTIFACT']._serialized_start=102
-  _globals['_EDITABLEARTIFACT']._serialized_end=474
-  _globals['_EDITABLEARTIFACT_METRICSENTRY']._serialized_start=428
-  _globals['_EDITABLEARTIFACT_METRICSENTRY']._serialized_end=474
-  _globals['_LISTEDITSREQUEST']._serialized_start=476
-  _globals['_LISTEDITSREQUEST']._serialized_end=538
-  _globals['_LISTEDITSRESPONSE']._serialized_start=540
-  _globals['_LISTEDITSRESPONSE']._serialized_end=607
-  _globals['_SEEDSTART']._serialized_start=609
-  _globals['_SEEDSTART']._serialized_end=649
-  _globals['_INTERFACEGANEDIT']._serialized_start=652
-  _globals['_INTERFACEGANEDIT']._serialized_end=826
-  _globals['_WSTAREDIT']._serialized_start=829
-  _globals['_WSTAREDIT']._serialized_end=1046
-  _globals['_DPLASEEDIT']._serialized_start=1049
-  _globals['_DPLASEEDIT']._serialized_end=1244
-  _globals['_GANSPACEEDIT']._serialized_start=1247
-  _globals['_GANSPACEEDIT']._serialized_end=1385
-  _globals['_ATTRIBUTETARGET']._serialized_start=1387
-  _globals['_ATTRIBUTETARGET']._serialized_end=1451
-  _globals['_ATTRIBUTEVALUE']._serialized_start=1453
-  _globals['_ATTRIBUTEVALUE']._serialized_end=1532
-  _globals['_KEYPOINTTARGET']._serialized_start=1534
-  _globals['_KEYPOINTTARGET']._serialized_end=1589
-  _globals['_CAPTIONTARGET']._serialized_start=1591
-  _globals['_CAPTIONTARGET']._serialized_end=1620
-  _globals['_SGFEDIT']._serialized_start=1623
-  _globals['_SGFEDIT']._serialized_end=1894
-  _globals['_EDITREQUEST']._serialized_start=1897
-  _globals['_EDITREQUEST']._serialized_end=2407
-  _globals['_EDITFRAME']._serialized_start=2410
-  _globals['_EDITFRAME']._serialized_end=2715
-  _globals['_EDITFRAME_METRICSENTRY']._serialized_start=428
-  _globals['_EDITFRAME_METRICSENTRY']._serialized_end=474
-  _globals['_INVERTREQUEST']._serialized_start=2718
-  _globals['_INVERTREQUEST']._serialized_end=2937
-  _globals['_INVERTPROGRESS']._serialized_start=2940
-  _globals['_INVERTPROGRESS']._serialized_end=3151
-  _globals['_EDITORSERVICE']._serialized_start=3311
-  _globals['_EDITORSERVICE']._serialized_end=3543
+  _globals['_EDITABLEARTIFACT']._serialized_end=529
+  _globals['_EDITABLEARTIFACT_METRICSENTRY']._serialized_start=483
+  _globals['_EDITABLEARTIFACT_METRICSENTRY']._serialized_end=529
+  _globals['_DIRECTIONNAME']._serialized_start=532
+  _globals['_DIRECTIONNAME']._serialized_end=673
+  _globals['_LISTEDITSREQUEST']._serialized_start=675
+  _globals['_LISTEDITSREQUEST']._serialized_end=737
+  _globals['_LISTEDITSRESPONSE']._serialized_start=739
+  _globals['_LISTEDITSRESPONSE']._serialized_end=806
+  _globals['_SEEDSTART']._serialized_start=808
+  _globals['_SEEDSTART']._serialized_end=848
+  _globals['_INTERFACEGANEDIT']._serialized_start=851
+  _globals['_INTERFACEGANEDIT']._serialized_end=1025
+  _globals['_WSTAREDIT']._serialized_start=1028
+  _globals['_WSTAREDIT']._serialized_end=1245
+  _globals['_DPLASEEDIT']._serialized_start=1248
+  _globals['_DPLASEEDIT']._serialized_end=1443
+  _globals['_GANSPACEEDIT']._serialized_start=1446
+  _globals['_GANSPACEEDIT']._serialized_end=1584
+  _globals['_ATTRIBUTETARGET']._serialized_start=1586
+  _globals['_ATTRIBUTETARGET']._serialized_end=1650
+  _globals['_ATTRIBUTEVALUE']._serialized_start=1652
+  _globals['_ATTRIBUTEVALUE']._serialized_end=1731
+  _globals['_KEYPOINTTARGET']._serialized_start=1733
+  _globals['_KEYPOINTTARGET']._serialized_end=1788
+  _globals['_CAPTIONTARGET']._serialized_start=1790
+  _globals['_CAPTIONTARGET']._serialized_end=1819
+  _globals['_SGFEDIT']._serialized_start=1822
+  _globals['_SGFEDIT']._serialized_end=2093
+  _globals['_EDITREQUEST']._serialized_start=2096
+  _globals['_EDITREQUEST']._serialized_end=2606
+  _globals['_EDITFRAME']._serialized_start=2609
+  _globals['_EDITFRAME']._serialized_end=2914
+  _globals['_EDITFRAME_METRICSENTRY']._serialized_start=483
+  _globals['_EDITFRAME_METRICSENTRY']._serialized_end=529
+  _globals['_INVERTREQUEST']._serialized_start=2917
+  _globals['_INVERTREQUEST']._serialized_end=3136
+  _globals['_INVERTPROGRESS']._serialized_start=3139
+  _globals['_INVERTPROGRESS']._serialized_end=3350
+  _globals['_EDITORSERVICE']._serialized_start=3510
+  _globals['_EDITORSERVICE']._serialized_end=3742
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ STOP_REASON_STEP_LIMIT: StopReason
 STOP_REASON_DIVERGED: StopReason
 
 class EditableArtifact(_message.Message):
-    __slots__ = ("artifact", "attributes", "condition", "num_directions", "space", "metrics", "job_id", "method")
+    __slots__ = ("artifact", "attributes", "condition", "num_directions", "space", "metrics", "job_id", "method", "direction_names")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class EditableArtifact(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_NAMES_FIELD_NUMBER: _ClassVar[int]
     artifact: _trainer_pb2.ArtifactRef
     attributes: _containers.RepeatedCompositeFieldContainer[_types_pb2.AttributeRef]
     condition: _trainer_pb2.ConditionKind
@@ -48,7 +49,22 @@ class EditableArtifact(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     job_id: str
     method: str
-    def __init__(self, artifact: _Optional[_Union[_trainer_pb2.ArtifactRef, _Mapping]] = ..., attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., condition: _Optional[_Union[_trainer_pb2.ConditionKind, str]] = ..., num_directions: _Optional[int] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job_id: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    direction_names: _containers.RepeatedCompositeFieldContainer[DirectionName]
+    def __init__(self, artifact: _Optional[_Union[_trainer_pb2.ArtifactRef, _Mapping]] = ..., attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., condition: _Optional[_Union[_trainer_pb2.ConditionKind, str]] = ..., num_directions: _Optional[int] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., job_id: _Optional[str] = ..., method: _Optional[str] = ..., direction_names: _Optional[_Iterable[_Union[DirectionName, _Mapping]]] = ...) -> None: ...
+
+class DirectionName(_message.Message):
+    __slots__ = ("direction_index", "attribute", "correlation", "slope", "summary")
+    DIRECTION_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_FIELD_NUMBER: _ClassVar[int]
+    SLOPE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    direction_index: int
+    attribute: _types_pb2.AttributeRef
+    correlation: float
+    slope: float
+    summary: str
+    def __init__(self, direction_index: _Optional[int] = ..., attribute: _Optional[_Union[_types_pb2.AttributeRef, _Mapping]] = ..., correlation: _Optional[float] = ..., slope: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...
 
 class ListEditsRequest(_message.Message):
     __slots__ = ("generator",)

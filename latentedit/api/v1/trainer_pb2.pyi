@@ -148,7 +148,7 @@ class FlowJobSpec(_message.Message):
     def __init__(self, generator: _Optional[_Union[_types_pb2.ModelRef, _Mapping]] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., num_samples: _Optional[int] = ..., num_coupling_layers: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., distance_weight: _Optional[float] = ..., identity_weight: _Optional[float] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ...) -> None: ...
 
 class DirectionJobSpec(_message.Message):
-    __slots__ = ("generator", "space", "layer", "num_directions", "similarity_weight", "orthogonality_weight", "density_weight", "max_stride", "learn_density", "num_channel_subspaces", "num_samples", "options")
+    __slots__ = ("generator", "space", "layer", "num_directions", "similarity_weight", "orthogonality_weight", "density_weight", "max_stride", "learn_density", "num_channel_subspaces", "num_samples", "options", "sparsity_weight")
     GENERATOR_FIELD_NUMBER: _ClassVar[int]
     SPACE_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class DirectionJobSpec(_message.Message):
     NUM_CHANNEL_SUBSPACES_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     generator: _types_pb2.ModelRef
     space: _types_pb2.LatentSpace
     layer: str
@@ -173,7 +174,8 @@ class DirectionJobSpec(_message.Message):
     num_channel_subspaces: int
     num_samples: int
     options: TrainingOptions
-    def __init__(self, generator: _Optional[_Union[_types_pb2.ModelRef, _Mapping]] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., layer: _Optional[str] = ..., num_directions: _Optional[int] = ..., similarity_weight: _Optional[float] = ..., orthogonality_weight: _Optional[float] = ..., density_weight: _Optional[float] = ..., max_stride: _Optional[float] = ..., learn_density: _Optional[bool] = ..., num_channel_subspaces: _Optional[int] = ..., num_samples: _Optional[int] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ...) -> None: ...
+    sparsity_weight: float
+    def __init__(self, generator: _Optional[_Union[_types_pb2.ModelRef, _Mapping]] = ..., space: _Optional[_Union[_types_pb2.LatentSpace, str]] = ..., layer: _Optional[str] = ..., num_directions: _Optional[int] = ..., similarity_weight: _Optional[float] = ..., orthogonality_weight: _Optional[float] = ..., density_weight: _Optional[float] = ..., max_stride: _Optional[float] = ..., learn_density: _Optional[bool] = ..., num_channel_subspaces: _Optional[int] = ..., num_samples: _Optional[int] = ..., options: _Optional[_Union[TrainingOptions, _Mapping]] = ..., sparsity_weight: _Optional[float] = ...) -> None: ...
 
 class MappingJobSpec(_message.Message):
     __slots__ = ("generator", "space", "condition", "attributes", "keypoints_head", "num_pairs", "depth", "hidden_dim", "options")
