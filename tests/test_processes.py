@@ -264,3 +264,37 @@ def test_cli_trains_an_sgf_mapping_and_writes_an_sgf_edit(suite, tmp_path):
                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output, _ = bad.communicate(timeout=120)
     assert bad.returncode == 1 and output.startswith("error: NOT_FOUND") and "Traceback" not in output
+
+
+def test_dplase_end_to_end_through_the_public_api(suite):
+    """A direction job, then DP-LaSE edits with and without density preservation and with subspace
+    refinement, streamed frame by frame with scores, through the four services as processes."""
+    from latentedit.api.v1 import editor_pb2_grpc, trainer_pb2_grpc
+
+    _, ports, _ = suite
+    trainer = trainer_pb2_grpc.TrainerServiceStub(connect(f"localhost:{ports['trainer']}"))
+    editor = editor_pb2_grpc.EditorServiceStub(connect(f"localhost:{ports['editor']}"))
+    spec = trainer_pb2.DirectionJobSpec(num_directions=4, num_channel_subspaces=3, num_samples=4, options=trainer_pb2.TrainingOptions(
+        artifact_name="e2e-dplase", steps=30, batch_size=8))
+    job = trainer.StartJob(trainer_pb2.StartJobRequest(idempotency_key="e2e-dplase", directions=spec), timeout=60)
+    final = list(trainer.WatchJob(trainer_pb2.WatchJobRequest(id=job.id), timeout=600))[-1].job
+    assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.error
+    (listed,) = [e for e in editor.ListEdits(editor_pb2.ListEditsRequest(), timeout=10).edits if e.artifact.ref.name == "e2e-dplase"]
+    assert {n.direction_index for n in listed.direction_names} == {0, 1, 2, 3}
+    index = max(listed.direction_names, key=lambda n: abs(n.correlation)).direction_index
+    norms = {}
+    for preserving, refined in ((False, False), (True, False), (True, True)):
+        request = editor_pb2.EditRequest(seed=editor_pb2.SeedStart(seed=2, count=2), num_frames=4, score_heads=["pose", "quality"],
+                                         dplase=editor_pb2.DPLaSEEdit(directions="e2e-dplase", direction_index=index, start_stride=-6,
+                                                                      end_stride=6, density_preserving=preserving,
+                                                                      subspace_refinement=refined))
+        frames = list(editor.Edit(request, timeout=120))
+        assert [f.index for f in frames] == [0, 1, 2, 3] and frames[-1].stop_reason == editor_pb2.STOP_REASON_COMPLETED
+        assert {s.head for s in frames[0].scores} == {"pose", "quality"} and frames[0].images.raw.shape[0] == 2
+        norms[preserving, refined] = [np.linalg.norm(wire.from_tensor(f.latents.values, field="z"), axis=1) for f in frames]
+    (still,) = editor.Edit(editor_pb2.EditRequest(seed=editor_pb2.SeedStart(seed=2, count=2), num_frames=1, dplase=editor_pb2.DPLaSEEdit(
+        directions="e2e-dplase", direction_index=index, start_stride=0, end_stride=0)), timeout=60)
+    start_norm = np.linalg.norm(wire.from_tensor(still.latents.values, field="z"), axis=1)
+    for n in norms[True, False] + norms[True, True]:
+        np.testing.assert_allclose(n, start_norm, rtol=1e-5)
+    assert (norms[False, False][0] > start_norm + 0.5).all()
