@@ -315,16 +315,19 @@ def discover_directions(features: Callable[[torch.Tensor], torch.Tensor], sample
         strides = (torch.rand(k, len(z0)) * 2 - 1) * options.max_stride
         walked = []
         den_loss = torch.zeros(())
+        # Walks use unit directions, as edits do: the stride is the distance travelled, and
+        # l_den cannot shorten walks by shrinking Gamma (l_reg alone shapes its norms).
+        units = gamma / gamma.norm(dim=0, keepdim=True).clamp_min(1e-12)
         for j in range(k):
             if learned:
                 assert density is not None and correction is not None
-                fix = correction_vector(z0, gamma[:, j], strides[j], correction)
-                den_loss = den_loss + density_gap_loss(density, z0, linear_walk(z0, gamma[:, j], strides[j]) + fix)
+                fix = correction_vector(z0, units[:, j], strides[j], correction)
+                den_loss = den_loss + density_gap_loss(density, z0, linear_walk(z0, units[:, j], strides[j]) + fix)
                 # l_var sees C's output as a constant: rewarding C for feature change would pay it
                 # to wander off the iso-density surface it is there to find.
-                z = linear_walk(z0, gamma[:, j], strides[j]) + fix.detach()
+                z = linear_walk(z0, units[:, j], strides[j]) + fix.detach()
             else:
-                z = norm_preserving_walk(z0, gamma[:, j], strides[j])
+                z = norm_preserving_walk(z0, units[:, j], strides[j])
             walked.append(z)
         all_features = features(torch.cat([z0, *walked]))
         start, moved = all_features[: len(z0)], all_features[len(z0):].reshape(k, len(z0), *all_features.shape[1:])
