@@ -28,9 +28,19 @@ def test_mapping_reconstructs_latents_from_their_condition(toy):
 
 
 def test_every_layer_is_a_contraction_after_training(toy):
-    mapping, _, _ = toy
+    mapping, measure, _ = toy
     norms = mapping.layer_spectral_norms()
     assert len(norms) == 2 + 2 * 1 + 2 and max(norms) < 1.0, norms  # input, 1 modulated block, output
+    # What the layer norms promise, measured on F itself: dF/dz has spectral norm below 1 everywhere
+    # we look, and F moves less than z does between any two latents with the same condition.
+    z = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    c = measure(z)
+    for i in range(8):
+        jacobian = torch.autograd.functional.jacobian(lambda zz: mapping(zz[None], c[i : i + 1])[0], z[i])
+        assert torch.linalg.matrix_norm(jacobian, ord=2) < 1.0
+    with torch.no_grad():
+        moved = (mapping(z[:32], c[:32]) - mapping(z[32:], c[:32])).norm(dim=1)
+    assert (moved < (z[:32] - z[32:]).norm(dim=1)).all()
 
 
 def test_surrogate_step_matches_the_closed_form_with_the_full_jacobian(toy):

@@ -1,4 +1,9 @@
-"""SGF through the public API: mapping jobs and closed-loop edits toward attribute, keypoint and caption targets."""
+"""SGF through the public API: mapping jobs and closed-loop edits toward attribute, keypoint and caption targets.
+
+What the editor reports per frame (scores, `reached`) is checked against the test's own
+measurement: the frames' latents re-synthesized and re-scored through the generator and scorer
+stubs, and the trained mapping loaded from the repository.
+"""
 
 import grpc
 import numpy as np
@@ -10,6 +15,26 @@ from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, trainer_pb2, trainer_
 YAW = types_pb2.AttributeRef(head="pose", output="yaw")
 MOUTH = types_pb2.AttributeRef(head="pose", output="mouth_openness")
 HAPPY = types_pb2.AttributeRef(head="expression", output="probabilities", label="happy")
+
+
+@pytest.fixture(scope="module")
+def clients(suite_in_process):
+    from latentedit.rpc.client import GeneratorClient, ScorerClient
+
+    return GeneratorClient(suite_in_process[2]["generator"]), ScorerClient(suite_in_process[2]["scorer"])
+
+
+def _rescore(clients, frame, heads):
+    """The frame's latents drawn and scored here, not by the editor."""
+    generator, scorer = clients
+    return scorer.score(generator.synthesize(wire.from_tensor(frame.latents.values, field="latents")), heads)
+
+
+def _mapping(suite_in_process, name):
+    from latentedit.methods.sgf import load_mapping
+    from latentedit.repository import ModelRepository
+
+    return load_mapping(ModelRepository(suite_in_process[0].repository), name)
 
 
 @pytest.fixture(scope="module")
@@ -48,54 +73,82 @@ def _edit(editor, mapping, target, heads, seed=3, count=8, steps=20, tolerance=0
     return list(editor.Edit(request, timeout=600))
 
 
-def _output(frame, head, name):
-    return [wire.from_tensor(o.tensor, field=name) for h in frame.scores if h.head == head for o in h.outputs if o.name == name][0]
-
-
-def test_every_layer_of_the_trained_mapping_is_a_contraction(attribute_mapping, suite_in_process):
-    from latentedit.methods.sgf import load_mapping
-    from latentedit.repository import ModelRepository
+def test_every_layer_of_the_trained_mapping_is_a_contraction(attribute_mapping, suite_in_process, clients):
+    import torch
 
     assert attribute_mapping.metrics["max_spectral_norm"] < 1.0
-    prepared = load_mapping(ModelRepository(suite_in_process[0].repository), "sgf-attributes")
+    prepared = _mapping(suite_in_process, "sgf-attributes")
     mapping, condition = prepared.mapping, prepared.condition
     assert max(mapping.layer_spectral_norms()) < 1.0
     assert condition.kind == "attributes" and [a.output for a in condition.attributes] == ["yaw", "mouth_openness", "probabilities"]
-    assert "reconstruction_error" in attribute_mapping.metrics
+
+    # Measured here on fresh pairs (z, C(G(z))) drawn and scored through the stubs.
+    generator, scorer = clients
+    z = generator.sample(200, seed=424242)
+    c = condition.standardise(condition.raw(scorer.score(generator.synthesize(z), condition.heads)))
+    z_t, c_t = torch.from_numpy(z), torch.from_numpy(c)
+    # F is a contraction in z as a whole, not only layer by layer: its Jacobian's spectral norm is below 1.
+    for i in range(3):
+        jacobian = torch.autograd.functional.jacobian(lambda zz: mapping(zz[None], c_t[i : i + 1])[0], z_t[i])
+        assert torch.linalg.matrix_norm(jacobian, ord=2) < 1.0
+    with torch.no_grad():
+        error = float((mapping(z_t, c_t) - z_t).pow(2).sum(1).mean() / z_t.pow(2).sum(1).mean())
+    # Relative squared error: predicting 0 (the prior's mean) scores 1, an untrained F about 1.15. A
+    # contraction cannot pass z through, and this small F fits poorly: measured 0.95 held out, 0.96 here.
+    reported = attribute_mapping.metrics["reconstruction_error"]
+    assert error < 0.98 and reported < 0.98, (error, reported)
+    assert abs(error - reported) < 0.05, (error, reported)  # the job's held-out figure holds on fresh samples
 
 
-def test_attribute_target_is_reached_for_most_samples(stubs, attribute_mapping):
+def test_attribute_target_is_reached_for_most_samples(stubs, attribute_mapping, clients, suite_in_process):
     _, editor = stubs
     target = {"attributes": editor_pb2.AttributeTarget(values=[editor_pb2.AttributeValue(attribute=YAW, value=25.0)])}
     frames = _edit(editor, "sgf-attributes", target, ["pose"])
-    yaw = np.stack([_output(f, "pose", "yaw") for f in frames])
     assert frames[-1].stop_reason in (editor_pb2.STOP_REASON_TARGET_REACHED, editor_pb2.STOP_REASON_STEP_LIMIT)
     assert all(f.stop_reason == editor_pb2.STOP_REASON_UNSPECIFIED for f in frames[:-1])  # one frame per step, streamed
-    assert frames[-1].metrics["reached"] > 0.5, frames[-1].metrics["reached"]  # most samples
-    assert np.abs(yaw[-1] - 25).mean() < np.abs(yaw[0] - 25).mean() / 2
+
+    # The condition (yaw, mouth openness, happy) of the first and last latents, measured here and
+    # standardised as the mapping was trained (the tolerance, 0.1, is in those units).
+    condition = _mapping(suite_in_process, "sgf-attributes").condition
+    first, last = (condition.standardise(condition.raw(_rescore(clients, f, condition.heads))) for f in (frames[0], frames[-1]))
+    goal = condition.standardise(np.array([[25.0, 0.0, 0.0]], np.float32))[0, 0]
+    reached = np.abs(last[:, 0] - goal) <= 0.1
+    assert reached.mean() > 0.5, (np.abs(last[:, 0] - goal), frames[-1].metrics["reached"])  # most samples
+    # The editor's own figure agrees, but for samples within float noise of the tolerance.
+    at_edge = int((np.abs(np.abs(last[:, 0] - goal) - 0.1) < 1e-3).sum())
+    assert abs(frames[-1].metrics["reached"] - reached.mean()) <= at_edge / len(reached), (frames[-1].metrics["reached"], reached)
+    # The other attributes are held: each moves less than half as much as yaw does (standardised
+    # units; measured: yaw 1.9, mouth openness 0.55, happy 0.39).
+    target_change = np.abs(last[:, 0] - first[:, 0]).mean()
+    held_change = np.abs(last[:, 1:] - first[:, 1:]).mean(axis=0)
+    assert target_change > 0.5 and (held_change < 0.5 * target_change).all(), (target_change, held_change)
 
 
-def test_keypoint_targets_from_other_samples_pull_the_points_closer(stubs, keypoint_mapping):
+def test_keypoint_targets_from_other_samples_pull_the_points_closer(stubs, keypoint_mapping, clients):
     _, editor = stubs
-    # Targets: the keypoints of other samples (seed 4), scored through the same service.
-    donors = _edit(editor, "sgf-keypoints", {"keypoints": editor_pb2.KeypointTarget(
-        points=wire.to_tensor(np.full((5, 2), 32.0, np.float32)))}, ["keypoints5"], seed=4, steps=1)
-    target_points = _output(donors[0], "keypoints5", "points")
+    # Targets: the keypoints of other samples (seed 4), scored here.
+    generator, scorer = clients
+    target_points = scorer.score(generator.synthesize(generator.sample(8, seed=4)), ["keypoints5"])["keypoints5"]["points"]
     frames = _edit(editor, "sgf-keypoints", {"keypoints": editor_pb2.KeypointTarget(points=wire.to_tensor(target_points))},
                    ["keypoints5"], steps=15)
-    distance = [np.linalg.norm(_output(f, "keypoints5", "points") - target_points, axis=-1).mean() for f in frames]
-    assert distance[-1] < distance[0] * 0.8, distance
+    distance = [np.linalg.norm(_rescore(clients, f, ["keypoints5"])["keypoints5"]["points"] - target_points, axis=-1).mean(axis=1)
+                for f in (frames[0], frames[-1])]
+    assert distance[1].mean() < distance[0].mean() * 0.8, distance  # measured: 6.9 -> 2.8 pixels
 
 
-def test_caption_target_raises_the_caption_similarity(stubs, caption_mapping, suite_in_process):
-    from latentedit.rpc.client import ScorerClient
-
+def test_caption_target_raises_the_caption_similarity(stubs, caption_mapping, clients):
     _, editor = stubs
     text = "a smiling young woman facing the camera, mouth open"
-    target = ScorerClient(suite_in_process[2]["scorer"]).embed_text([text])[0]
-    frames = _edit(editor, "sgf-caption", {"caption": editor_pb2.CaptionTarget(text=text)}, ["caption"], steps=10, tolerance=0.5)
-    cosine = [float((_output(f, "caption", "embedding") @ target).mean()) for f in frames]
-    assert max(cosine[1:]) > cosine[0] + 0.02, cosine
+    target = clients[1].embed_text([text])[0]
+    frames = _edit(editor, "sgf-caption", {"caption": editor_pb2.CaptionTarget(text=text)}, [], steps=10, tolerance=0.5)
+
+    def similarity(frame):
+        embedding = _rescore(clients, frame, ["caption"])["caption"]["embedding"]
+        return embedding @ target / (np.linalg.norm(embedding, axis=1) * np.linalg.norm(target))
+
+    first, last = similarity(frames[0]), similarity(frames[-1])
+    # Most samples, clearly (measured: all 8, by 0.26 on average).
+    assert (last > first).mean() >= 0.75 and (last - first).mean() > 0.1, (first, last)
 
 
 def _expect(editor, request, code, text):

@@ -388,7 +388,7 @@ def test_bad_job_specs(trainer):
 
 
 def test_planned_job_kinds_are_unimplemented_naming_the_available_ones(trainer):
-    """W* flow and DP-LaSE direction jobs have API slots but no method yet: UNIMPLEMENTED, listing what runs today."""
+    """Job kinds with an API slot but no method yet (W* flow) are UNIMPLEMENTED, listing what runs today."""
     from latentedit.methods import registry
 
     available = [kind for method in registry.METHODS.values() for kind in method.jobs]
