@@ -4,6 +4,9 @@ PCA of the generator's features at a layer over many samples; each principal com
 lifted to a unit direction in latent space by least-squares regression of the component's
 coefficients on the latents (the paper's recipe for generators without a style space). An
 edit moves start + d * v_k, like InterFaceGAN along an unsupervised direction.
+
+Also SeFa's closed-form directions (`sefa_directions`), the other unsupervised baseline the
+DP-LaSE evaluation compares with; not served.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
 from latentedit.artifacts import PCA_KIND, load_tensors, resolve_trained, tensors_writer
 from latentedit.config import EditorConfig
-from latentedit.errors import InvalidArgument
+from latentedit.errors import FailedPrecondition, InvalidArgument
 from latentedit.latents import Latents, RowRange
 from latentedit.methods.base import (
     Editable,
@@ -74,6 +78,38 @@ def pca_directions(latents: np.ndarray, features: np.ndarray, components: int) -
     variance = singular**2
     return ((directions / np.linalg.norm(directions, axis=1, keepdims=True)).astype(np.float32),
             (variance[:components] / variance.sum()).astype(np.float32))
+
+
+def sefa_directions(weight: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """SeFa (Shen & Zhou, CVPR 2021), closed form: the top eigenvectors of W^T W.
+
+    `weight` [outputs, latent size] is the first layer that reads the latent, as a matrix (W z
+    is its pre-activation). ||W n||^2 = n^T W^T W n, so the eigenvectors with the largest
+    eigenvalues are the unit latent moves that change that layer the most. Returns (unit
+    directions [K, D], each eigenvalue's share of the trace [K])."""
+    matrix = weight.astype(np.float64)
+    values, vectors = np.linalg.eigh(matrix.T @ matrix)
+    order = np.argsort(values)[::-1][:components]
+    return vectors[:, order].T.astype(np.float32), (values[order] / values.sum()).astype(np.float32)
+
+
+def first_layer_matrix(module: nn.Module) -> np.ndarray:
+    """The first Linear or ConvTranspose2d of a generator as the matrix W [outputs, latent size].
+
+    A ConvTranspose2d on a 1x1 latent (DCGAN's first layer, weight [latent, channels, kh, kw])
+    writes latent i's kernel into every output position, so its W is the weight reshaped to
+    [latent, channels * kh * kw] and transposed. What follows the layer (DCGAN: BatchNorm, whose
+    per-channel scale SeFa ignores) is not folded in, as in the SeFa paper."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            return layer.weight.detach().cpu().numpy()
+        if isinstance(layer, nn.ConvTranspose2d):
+            weight = layer.weight.detach().cpu().numpy()
+            return weight.reshape(weight.shape[0], -1).T
+        if isinstance(layer, nn.Conv2d):
+            break
+    raise FailedPrecondition(f"{type(module).__name__} reads its latent with no Linear or ConvTranspose2d layer first; "
+                             "SeFa needs one")
 
 
 class GANSpace(Method):
