@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -317,6 +319,36 @@ def cmd_eval_mds(args: argparse.Namespace) -> int:
     return 0
 
 
+def dplase_settings(args: argparse.Namespace):
+    from latentedit.evaluation import DPLaSEEvalSettings
+
+    return DPLaSEEvalSettings(samples=args.samples, quality_samples=args.quality_samples, strides=tuple(args.strides),
+                              num_directions=args.directions, steps=args.steps, batch_size=args.batch_size,
+                              layer=args.layer, features=args.features, curve_samples=args.curve_samples,
+                              pca_samples=args.pca_samples, naming_samples=args.naming_samples, seed=args.seed)
+
+
+def cmd_eval_dplase(args: argparse.Namespace) -> int:
+    from latentedit.evaluation import check_dplase_settings, dplase_markdown, run_dplase_table
+    from latentedit.repository import ModelRepository
+    from latentedit.world import LocalWorld
+
+    config = _config(args)
+    settings = dplase_settings(args)
+    world = LocalWorld(ModelRepository(config.repository), config.generator.default_model)
+    generator = world.generator(args.model)
+    check_dplase_settings(world, generator, settings)  # before the output folder or any model work
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = run_dplase_table(world, generator, settings, log=lambda m: print(m, flush=True))
+    text = dplase_markdown(table)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(dataclasses.asdict(table), indent=1))
+    print(text)
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return 0
+
+
 def _sgf_request(args: argparse.Namespace, config):
     """SGF target from the command line: --target head.output=value, --keypoints-from-seed, or --caption."""
     import numpy as np
@@ -475,6 +507,32 @@ def build_parser() -> argparse.ArgumentParser:
     mds.add_argument("--model", default="")
     mds.add_argument("--out", default="out/mds", help="path without suffix: writes .png (curves) and .md (table)")
     mds.set_defaults(func=cmd_eval_mds)
+    # Defaults written out (importing latentedit.evaluation here would load torch for every
+    # command); tests/test_dplase_eval.py checks they equal DPLaSEEvalSettings().
+    dplase = eval_sub.add_parser(
+        "dplase", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="DP-LaSE paper's Table 1 (random walks with and without density preservation) and Fig. 10",
+        description="Trains DP-LaSE directions in-process, then measures walks from N(0, I) starts at each stride: "
+                    "Frechet distance to fresh samples, share of faces the quality head accepts, and (Fig. 10) "
+                    "1 - MS-SSIM and identity distance to the start for DP-LaSE, PCA and SeFa directions.")
+    dplase.add_argument("--samples", type=int, default=1000, help="walked samples per cell, and fresh samples")
+    dplase.add_argument("--quality-samples", type=int, default=200,
+                        help="of those, how many the quality head scores (MTCNN is the slow part)")
+    dplase.add_argument("--strides", type=float, nargs="+", default=[0.0, 2.0, 4.0, 6.0, 8.0, 10.0], help="must include 0")
+    dplase.add_argument("--directions", type=int, default=10, help="DP-LaSE, PCA and SeFa directions")
+    dplase.add_argument("--steps", type=int, default=200, help="DP-LaSE training steps")
+    dplase.add_argument("--batch-size", type=int, default=8, help="DP-LaSE training batch")
+    dplase.add_argument("--layer", default="", help="G1/G2 split (DP-LaSE, PCA); empty: the third intermediate layer")
+    dplase.add_argument("--features", choices=["expression", "identity"], default="expression",
+                        help="network whose features the Frechet distance compares")
+    dplase.add_argument("--curve-samples", type=int, default=64, help="starts per Fig. 10 curve; 0: skip")
+    dplase.add_argument("--pca-samples", type=int, default=1000)
+    dplase.add_argument("--naming-samples", type=int, default=2,
+                        help="starts per direction the job scores to name it")
+    dplase.add_argument("--seed", type=int, default=0)
+    dplase.add_argument("--model", default="")
+    dplase.add_argument("--out", default="out/dplase", help="path without suffix: writes .md (tables) and .json (cells)")
+    dplase.set_defaults(func=cmd_eval_dplase)
     return parser
 
 
