@@ -9,6 +9,15 @@ import torch
 from latentedit.methods import dplase
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The toy problems are tiny tensors: extra threads only contend (30x slower beside a busy process)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_variation_terms_match_the_definition_on_both_paths():
     rng = torch.Generator().manual_seed(0)
     for shape in ((3, 2, 8, 2, 2), (3, 2, 2, 4, 4)):  # positions < channels, and the reverse
@@ -110,8 +119,8 @@ def test_corrected_walks_keep_the_true_density_where_plain_walks_do_not():
     def sample(n, seed):
         return pool[torch.randint(len(pool), (n,), generator=torch.Generator().manual_seed(seed))]
 
-    options = dplase.DiscoveryOptions(num_directions=2, max_stride=2.0, steps=600, batch_size=64,
-                                      learning_rate=1e-3, correction_hidden=64)
+    options = dplase.DiscoveryOptions(num_directions=2, max_stride=2.0, steps=300, batch_size=64,
+                                      learning_rate=1e-3, correction_hidden=64, correction_steps=1000)
     found = dplase.discover_directions(lambda z: z[:, :, None, None], sample, dim, gaussian_prior=False,
                                        options=options)
     assert found.density is not None and found.correction is not None
@@ -125,9 +134,10 @@ def test_corrected_walks_keep_the_true_density_where_plain_walks_do_not():
             corrected = dplase.corrected_walk(z0, direction, stride, found.correction)
             gap_plain = float((_anisotropic_log_density(plain) - start).abs().median())
             gap_corrected = float((_anisotropic_log_density(corrected) - start).abs().median())
-            # Measured (seeded): 0.61 vs 2.60 and 0.49 vs 1.31 nats; on the two-mode mixture C
-            # does not get there (5.8 vs 6.8: its iso-density set across a walk is in pieces).
-            assert gap_corrected < 0.5 * gap_plain, (j, gap_corrected, gap_plain)
+            # Measured (seeded, these settings): 0.27 vs 2.33 and 0.16 vs 1.28 nats. On the
+            # two-mode mixture C does not get there (4.9 vs 6.4: the iso-density set across a
+            # walk is in pieces that a smooth C cannot jump between).
+            assert gap_corrected < 0.35 * gap_plain, (j, gap_corrected, gap_plain)
             np.testing.assert_allclose(((corrected - z0) @ direction).numpy(), 2.0, atol=1e-4)
 
 

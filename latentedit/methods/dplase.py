@@ -268,6 +268,9 @@ class DiscoveryOptions:
     learning_rate: float = 3e-3
     density_hidden: int = 32
     density_warmup_steps: int = 300
+    # C for the final, orthonormal Gamma: these steps need neither G nor Gamma's gradients, so
+    # they are cheap and C gets far more of them than the joint phase can afford.
+    correction_steps: int = 2000
     correction_hidden: int = 256
     seed: int = 0
 
@@ -280,6 +283,26 @@ class Discovery:
     density: DensityModule | None
     correction: CorrectionModule | None
     metrics: dict[str, float]
+
+
+def fit_correction(correction: CorrectionModule, density: DensityModule, directions: torch.Tensor,
+                   sample: Callable[[int, int], torch.Tensor], options: DiscoveryOptions) -> float:
+    """Train C alone on l_den for fixed unit directions [k, d] (F frozen); returns the last gap."""
+    optimiser = torch.optim.Adam(correction.parameters(), lr=options.learning_rate)
+    gap = torch.zeros(())
+    k = len(directions)
+    for step in range(options.correction_steps):
+        z0 = sample(options.batch_size * 4, options.seed + 500_000 + step)
+        index = torch.randint(k, (len(z0),), generator=torch.Generator().manual_seed(step))
+        chosen = directions[index]
+        strides = (torch.rand(len(z0)) * 2 - 1) * options.max_stride
+        fix = correction(z0, strides, chosen)
+        fix = fix - (fix * chosen).sum(1, keepdim=True) * chosen  # orthogonal to each row's direction
+        gap = density_gap_loss(density, z0, z0 + strides[:, None] * chosen + fix)
+        optimiser.zero_grad()
+        gap.backward()
+        optimiser.step()
+    return float(gap.detach())
 
 
 def discover_directions(features: Callable[[torch.Tensor], torch.Tensor], sample: Callable[[int, int], torch.Tensor],
@@ -352,6 +375,7 @@ def discover_directions(features: Callable[[torch.Tensor], torch.Tensor], sample
     directions = nearest_orthonormal(raw).T
     if learned:
         assert density is not None and correction is not None
+        losses["density_gap"] = fit_correction(correction, density, torch.from_numpy(directions), sample, options)
         density.eval()
         correction.eval()
     metrics = {f"final_{name}": value for name, value in losses.items()}
