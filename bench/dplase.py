@@ -61,6 +61,18 @@ def comparison(result: dict) -> str:
         "direction, norm kept), so that row can differ from the eps=0 floor by noise only. DP-LaSE's directions are "
         "fixed, so eq. 2 keeps the norm but piles the samples up along a few axes: they are not prior draws "
         f"(x{learned_kept:.2f} with eq. 2 at eps={top:g}).",
+    ]
+    curves = {(c["method"], c["density_preserving"]): c for c in result["curves"]}
+    if curves:
+        at = settings["strides"].index(top)
+
+        def shown(key: str) -> str:
+            return ", ".join(f"{m} {curves[(m, p)][key][at]:.3f}{' (w/ DP)' if p else ''}"
+                             for m, p in (("DP-LaSE", True), ("DP-LaSE", False), ("GANSpace PCA", False), ("SeFa", False)))
+
+        lines += ["", f"Fig. 10 at eps={top:g} (the paper: DP-LaSE keeps a lower LPIPS than SeFa and UDID as the stride "
+                  f"grows): 1 - MS-SSIM {shown('ms_ssim_distance')}; identity distance {shown('identity_distance')}."]
+    lines += [
         "",
         "How the figures depend on settings: the eps=0 row is the Frechet distance between two independent sets of "
         f"{settings['samples']} fresh samples, a finite-sample bias that shrinks roughly as 1/N, so read every cell "

@@ -555,7 +555,7 @@ def dplase_markdown(table: DPLaSETable) -> str:
         return out
 
     lines = [f"Frechet distance to {s.samples} fresh samples ({s.features} features, {s.samples} walked per cell):", "",
-             header, rule, *rows(lambda c: f"{c.frechet:.2f}"), "",
+             header, rule, *rows(lambda c: f"{c.frechet:.3f}"), "",
              f"Faces accepted by the quality head (face_probability >= {table.threshold:.3f}, the 5th percentile of "
              f"fresh faces; {s.quality_samples} scored per cell), with MTCNN's own detection rate in brackets:", "",
              header, rule, *rows(lambda c: f"{c.accepted:.0%} ({c.detected:.0%})"), "",
