@@ -44,7 +44,7 @@ def test_direction_job_reports_progress_and_names_its_directions(stubs, directio
     assert progress == sorted(progress) and progress[-1] == 1.0
     final = directions[-1].job
     assert final.artifact.kind == trainer_pb2.ARTIFACT_KIND_DIRECTIONS
-    assert final.metrics["orthogonality_error"] < 0.2 and final.metrics["num_directions"] == 3
+    assert final.metrics["orthogonality_error"] < 1e-5 and final.metrics["num_directions"] == 3
     (listed,) = [e for e in stubs[1].ListEdits(editor_pb2.ListEditsRequest(), timeout=10).edits
                  if e.artifact.ref.name == "unit-dplase"]
     assert listed.method == "dplase" and listed.num_directions == 3 and listed.job_id == final.id
