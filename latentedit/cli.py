@@ -114,6 +114,26 @@ def _attribute_ref(text: str):
     return types_pb2.AttributeRef(head=parts[0], output=parts[1], label=parts[2] if len(parts) == 3 else "")
 
 
+def _field_names(descriptor, prefix: str = "") -> list[str]:
+    """Dotted names of every settable field of a message (nested messages expanded), for --help."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    names: list[str] = []
+    for field in descriptor.fields:
+        name = prefix + field.name
+        if field.type == FieldDescriptor.TYPE_MESSAGE and not field.message_type.GetOptions().map_entry \
+                and field.message_type.full_name.startswith("latentedit.") and not field.is_repeated:
+            names += _field_names(field.message_type, name + ".")
+        else:
+            names.append(name)
+    return names
+
+
+def _params_epilog(descriptor, handled: tuple[str, ...] = ()) -> str:
+    names = [n for n in _field_names(descriptor) if n not in handled]
+    return f"--param fields of {descriptor.name}: " + ", ".join(names)
+
+
 def _params(items: list[str], message) -> None:
     """--param key=value (dotted keys for nested fields, e.g. rows.start=2) -> fields of `message`."""
     import json
@@ -144,11 +164,16 @@ def _params(items: list[str], message) -> None:
 def cmd_methods(args: argparse.Namespace) -> int:
     from latentedit.methods.registry import METHODS, PLANNED
 
+    # Columns sized to the longest entry, so a long title never runs into the next column.
+    name_width = max(len(m.name) for m in METHODS.values()) + 2
+    title_width = max(len(m.title) for m in METHODS.values()) + 2
+    kind_width = max(len(m.artifact_kind) for m in METHODS.values()) + 2
     for method in METHODS.values():
         jobs = ", ".join(method.jobs) or "none"
-        print(f"{method.name:14s} {method.title:32s} edits with: {method.artifact_kind:16s} trained by jobs: {jobs}")
+        print(f"{method.name:{name_width}s}{method.title:{title_width}s}edits with: {method.artifact_kind:{kind_width}s}"
+              f"trained by jobs: {jobs}")
     for name, what in PLANNED.items():
-        print(f"{name:14s} {what} (not available yet)")
+        print(f"{name:{name_width}s}{what} (not available yet)")
     return 0
 
 
@@ -386,6 +411,7 @@ def _sgf_request(args: argparse.Namespace, config):
 def build_parser() -> argparse.ArgumentParser:
     import dataclasses
 
+    from latentedit.api.v1 import editor_pb2, trainer_pb2
     from latentedit.methods.interfacegan import InterFaceGANOptions
     from latentedit.methods.registry import METHODS
     from latentedit.methods.sgf import MappingSpec, SGFOptions
@@ -458,7 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.set_defaults(func=cmd_train_mapping)
     specific = {"boundary", "mapping"}
     for kind in [k for m in METHODS.values() for k in m.jobs if k not in specific]:
-        generic = train_sub.add_parser(kind, help=f"a {kind} job; its spec fields from --param name=value")
+        spec_descriptor = trainer_pb2.StartJobRequest.DESCRIPTOR.fields_by_name[kind].message_type
+        generic = train_sub.add_parser(
+            kind, help=f"a {kind} job; its spec fields from --param name=value",
+            epilog=_params_epilog(spec_descriptor, ("generator", "generator.name", "generator.version",
+                                                     "options.seed", "options.artifact_name")))
         generic.add_argument("--param", action="append", default=[], help="a field of the job spec, name=value (repeatable)")
         generic.add_argument("--name", default="", help="artifact name (default: derived)")
         generic.add_argument("--model", default="")
@@ -468,7 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
         generic.add_argument("--wait", type=float, default=180)
         generic.set_defaults(func=cmd_train_generic, kind=kind)
 
-    edit = sub.add_parser("edit", help="stream an edit and write a strip PNG and an animated GIF")
+    edit = sub.add_parser("edit", help="stream an edit and write a strip PNG and an animated GIF",
+                          epilog="\n".join(_params_epilog(editor_pb2.EditRequest.DESCRIPTOR.fields_by_name[m].message_type)
+                                            for m in METHODS if m in editor_pb2.EditRequest.DESCRIPTOR.fields_by_name),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     edit.add_argument("--method", choices=list(METHODS), default="interfacegan",
                       help="edit method (see `latentedit methods`)")
     edit.add_argument("--param", action="append", default=[],
