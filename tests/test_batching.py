@@ -164,3 +164,98 @@ def test_an_abandoned_request_is_dropped_before_it_runs():
     assert not caller.is_alive(), "the abandoned caller was not released"
     assert seen == [[0.0]], "the abandoned request must not reach the backend"
     assert [type(e).__name__ for e in caller_error] == ["Cancelled"]
+
+
+class FakeClock:
+    """A clock the test moves: deadlines and batch times without waiting on wall-clock time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+
+
+def _timed_backend(clock: FakeClock, rows_per_s: float):
+    """Computes `y = rows` taking len(rows) / rows_per_s seconds of the fake clock; held until released."""
+    run, entered, release = _held_backend()
+    seen = []
+
+    def compute(rows):
+        seen.append(len(rows))
+        out = run(rows)
+        clock.advance(len(rows) / rows_per_s)
+        return out
+
+    return compute, entered, release, seen
+
+
+def test_a_request_whose_deadline_passes_while_queued_is_dropped_unrun():
+    clock = FakeClock()
+    compute, entered, release, seen = _timed_backend(clock, rows_per_s=1000)
+    batcher = DynamicBatcher(compute, max_batch_size=64, max_queue_delay_s=0, max_queue_rows=100, clock=clock)
+    first = batcher.submit(np.zeros((1, 1)), timeout_s=60)
+    assert entered.wait(10), "the worker never took the first batch"
+    # Nobody waits on these futures (as in a SynthesizeStream's read-ahead): only the worker can drop them.
+    short = batcher.submit(np.ones((5, 1)), timeout_s=2)
+    long = batcher.submit(np.full((3, 1), 2.0), timeout_s=60)
+    clock.advance(3)  # the short deadline passes while both wait behind the running batch
+    release.set()
+    with pytest.raises(DeadlineExceeded, match="deadline passed while the request was queued"):
+        short.result(10)
+    assert len(long.result(10)["y"]) == 3 and len(first.result(10)["y"]) == 1
+    batcher.close()
+    assert seen == [1, 3], f"the expired request's 5 rows reached the backend: batches {seen}"
+    assert batcher.stats.expired_rows == 5 and batcher.stats.dropped_rows == 5
+
+
+def test_admission_refuses_at_once_when_the_work_ahead_outlasts_the_deadline():
+    clock = FakeClock()
+    compute, entered, release, seen = _timed_backend(clock, rows_per_s=10)
+    batcher = DynamicBatcher(compute, max_batch_size=10, max_queue_delay_s=0, max_queue_rows=1000, clock=clock)
+    # Before any batch has run there is no estimate: only the row bound applies.
+    assert batcher.expected_wait_s() is None
+    warm = batcher.submit(np.zeros((10, 1)), timeout_s=0.5)
+    release.set()
+    warm.result(10)
+    assert batcher.expected_wait_s() == 0  # measured: 10 rows/s, nothing queued
+    release.clear()
+    entered.clear()
+    running = batcher.submit(np.zeros((10, 1)), timeout_s=60)
+    assert entered.wait(10), "the worker never took the batch"
+    queued = [batcher.submit(np.zeros((10, 1)), timeout_s=60) for _ in range(2)]
+    # 30 rows ahead (10 running, 20 queued) at 10 rows/s: about 3 s of work.
+    assert batcher.expected_wait_s() == pytest.approx(3.0)
+    with pytest.raises(ResourceExhausted, match=r"30 rows are ahead of this request, about 3\.0 s of work, longer than the 2\.0 s"):
+        batcher.submit(np.zeros((1, 1)), timeout_s=2)
+    with pytest.raises(DeadlineExceeded, match="deadline had passed before the request was queued"):
+        batcher.submit(np.zeros((1, 1)), timeout_s=0)
+    patient = batcher.submit(np.zeros((1, 1)), timeout_s=10)  # 3 s of work ahead fits in 10 s: admitted
+    assert batcher.stats.refused_requests == 2
+    release.set()
+    for future in (running, *queued, patient):
+        future.result(10)
+    batcher.close()
+    assert seen == [10, 10, 10, 10, 1], f"a refused request reached the backend: batches {seen}"
+
+
+def test_queue_full_refusals_are_counted():
+    run, entered, release = _held_backend()
+    batcher = DynamicBatcher(run, max_batch_size=4, max_queue_delay_s=0, max_queue_rows=4)
+    first = batcher.submit(np.zeros((4, 1)))
+    assert entered.wait(10), "the worker never took the first batch"
+    queued = batcher.submit(np.zeros((4, 1)))
+    for _ in range(3):
+        with pytest.raises(ResourceExhausted, match="queue full"):
+            batcher.submit(np.zeros((1, 1)), timeout_s=60)
+    assert batcher.stats.refused_requests == 3
+    release.set()
+    first.result(10)
+    queued.result(10)
+    batcher.close()
