@@ -33,9 +33,9 @@ def build(config: Config) -> tuple[ServiceHost, GeneratorPool]:
 
 def start(config: Config) -> GeneratorServer:
     """As `build`, also handing back the servicer (its stream statistics)."""
+    host = ServiceHost.for_service("generator", config)  # checks the security settings first
     if config.generator.threads:
         torch.set_num_threads(config.generator.threads)
-    host = ServiceHost(config.services["generator"])
     pool = GeneratorPool(ModelRepository(config.repository), config.generator)
     servicer = GeneratorServicer(pool)
     host.add(generator_pb2_grpc.add_GeneratorServiceServicer_to_server, servicer, SERVICE_NAME)

@@ -19,6 +19,37 @@ def _config(args: argparse.Namespace):
     return load_config(args.config)
 
 
+def _connect(args: argparse.Namespace, address: str):
+    """A channel with the caller's credentials: --token / --token-file / LATENTEDIT_TOKEN, and
+    --ca, --cert, --key (or LATENTEDIT_CA, _CERT, _KEY, then the config's ca_file and
+    client_cert_file / client_key_file). TLS unless the config is insecure and no CA is given."""
+    import os
+
+    from latentedit.rpc import security as sec
+    from latentedit.rpc.client import connect
+
+    config = _config(args).security
+    secure = not sec.is_insecure(config)
+    token = args.token
+    if token is None and args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    ca = args.ca or os.environ.get(sec.CA_ENV) or (config.ca_file if secure else "")
+    cert = args.cert or os.environ.get(sec.CERT_ENV) or (config.client_cert_file if secure else "")
+    key = args.key or os.environ.get(sec.KEY_ENV) or (config.client_key_file if secure else "")
+    return connect(address, token, ca, cert_file=cert, key_file=key, tls=secure or bool(ca or cert), service="cli")
+
+
+def cmd_certs_make(args: argparse.Namespace) -> int:
+    from latentedit.rpc.security import DEFAULT_HOSTS, make_certs
+
+    paths = make_certs(args.directory, hosts=args.host or DEFAULT_HOSTS, days=args.days)
+    for name, path in paths.items():
+        print(f"{name:14s} {path}")
+    print(f"hosts: {', '.join(args.host or DEFAULT_HOSTS)}; valid {args.days} days. Serve with "
+          f"--config config/secure-local.yaml (expects {Path('certs')}/...), call with LATENTEDIT_TOKEN=$(cat {paths['admin.token']})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from latentedit.rpc.launch import serve_all, serve_one
 
@@ -27,6 +58,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"error: unknown service(s) {unknown}; known: {', '.join(SERVICE_NAMES)}")
     config = _config(args)
+    # Settings that cannot work stop here in one line, before any service starts.
+    from latentedit.rpc.security import ClientSecurity, resolve
+
+    resolve(config.security)
+    for name in {"editor", "trainer"} & set(names):
+        ClientSecurity.for_service(config.security, name)
     if len(names) == 1:
         serve_one(names[0], config)
         return 0
@@ -55,13 +92,13 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    from latentedit.rpc.client import connect, wait_serving
+    from latentedit.rpc.client import wait_serving
 
     config = _config(args)
     for name in args.services or SERVICE_NAMES:
         address = config.address(name)
         print(f"waiting for {name} at {address} ...", flush=True)
-        wait_serving(connect(address), timeout_s=args.timeout, what=f"{name} service at {address}")
+        wait_serving(_connect(args, address), timeout_s=args.timeout, what=f"{name} service at {address}")
     print("all SERVING")
     return 0
 
@@ -84,10 +121,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         images = world.synthesize(generator, world.sample(generator, args.count, args.seed))
         where = "in-process (torch)"
     else:
-        from latentedit.rpc.client import GeneratorClient, connect, wait_serving
+        from latentedit.rpc.client import GeneratorClient, wait_serving
 
         address = args.target or _config(args).address("generator")
-        channel = connect(address)
+        channel = _connect(args, address)
         wait_serving(channel, timeout_s=args.wait, what=f"generator at {address}")
         client = GeneratorClient(channel, args.model)
         latents = client.sample(args.count, args.seed)
@@ -211,10 +248,10 @@ def _watch(stub, job, what: str) -> int:
 
 def _trainer(args):
     from latentedit.api.v1 import trainer_pb2_grpc
-    from latentedit.rpc.client import connect, wait_serving
+    from latentedit.rpc.client import wait_serving
 
     address = args.target or _config(args).address("trainer")
-    channel = connect(address)
+    channel = _connect(args, address)
     wait_serving(channel, timeout_s=args.wait, what=f"trainer at {address}")
     return trainer_pb2_grpc.TrainerServiceStub(channel)
 
@@ -270,11 +307,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from latentedit import wire
     from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, types_pb2
     from latentedit.render import write_edit
-    from latentedit.rpc.client import connect, wait_serving
+    from latentedit.rpc.client import wait_serving
 
     config = _config(args)
     address = args.target or config.address("editor")
-    channel = connect(address)
+    channel = _connect(args, address)
     wait_serving(channel, timeout_s=args.wait, what=f"editor at {address}")
     request = editor_pb2.EditRequest(
         generator=types_pb2.ModelRef(name=args.model),
@@ -399,11 +436,11 @@ def _sgf_request(args: argparse.Namespace, config):
         request.caption.text = args.caption
     else:
         # Target keypoints: those of another sample, measured through the services.
-        from latentedit.rpc.client import GeneratorClient, ScorerClient, connect
+        from latentedit.rpc.client import GeneratorClient, ScorerClient
 
-        generator = GeneratorClient(connect(config.address("generator")), args.model)
+        generator = GeneratorClient(_connect(args, config.address("generator")), args.model)
         images = generator.synthesize(generator.sample(1, args.keypoints_from_seed))
-        points = ScorerClient(connect(config.address("scorer"))).score(images, [args.keypoints_head])[args.keypoints_head]["points"][0]
+        points = ScorerClient(_connect(args, config.address("scorer"))).score(images, [args.keypoints_head])[args.keypoints_head]["points"][0]
         request.keypoints.points.CopyFrom(wire.to_tensor(points.astype(np.float32)))
     return request
 
@@ -422,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentedit", description="Latent-space image editing services.")
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--token", default=None, help="bearer token for the services (default: $LATENTEDIT_TOKEN)")
+    parser.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    parser.add_argument("--ca", default=None, help="CA file that verifies the services' certificates "
+                        "(default: $LATENTEDIT_CA, then the config's security.ca_file)")
+    parser.add_argument("--cert", default=None, help="client certificate, for mutual TLS (default: $LATENTEDIT_CERT, "
+                        "then the config's security.client_cert_file)")
+    parser.add_argument("--key", default=None, help="client key, for mutual TLS (default: $LATENTEDIT_KEY)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve one service in this process, or several as child processes")
@@ -432,6 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("install", help="install the embedded default models").set_defaults(func=cmd_models_install)
     models_sub.add_parser("list", help="list the repository").set_defaults(func=cmd_models_list)
+
+    certs = sub.add_parser("certs", help="certificates for a secure local set-up")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    make = certs_sub.add_parser("make", help="a self-signed CA, a server and a client certificate, and tokens, in DIRECTORY")
+    make.add_argument("directory", type=Path)
+    make.add_argument("--host", action="append", help="a name or IP the server certificate covers (repeatable; default: "
+                      "localhost, 127.0.0.1, ::1 and the four service names)")
+    make.add_argument("--days", type=int, default=365)
+    make.set_defaults(func=cmd_certs_make)
 
     wait = sub.add_parser("wait", help="wait until services report SERVING")
     wait.add_argument("services", nargs="*")

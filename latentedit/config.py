@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from latentedit.observability import ObservabilityConfig
+
 SERVICE_NAMES = ("generator", "scorer", "trainer", "editor")
 @dataclass
 class ServingOptions:
@@ -79,6 +81,33 @@ class EditorConfig:
 
 
 @dataclass
+class SecurityConfig:
+    """TLS and bearer tokens (README "Operations"); checked by `latentedit.rpc.security.resolve`.
+
+    Security is on unless `insecure` is true. With neither certificates nor `insecure: true` the
+    services refuse to start, except that LATENTEDIT_INSECURE=1 in the environment stands for
+    `insecure: true` when the file says nothing about it (the test suite and benchmarks).
+    Relative paths are relative to the working directory."""
+
+    insecure: bool | None = None  # None: not said (see above)
+    cert_file: str = ""  # this service's certificate chain (PEM); reloaded when the file changes
+    key_file: str = ""  # its private key (PEM)
+    # CA bundle that verifies the services this one calls and, with require_client_cert, the
+    # clients' certificates; empty: the system's roots for outgoing calls.
+    ca_file: str = ""
+    require_client_cert: bool = False  # mutual TLS: a client without a certificate of ca_file is refused
+    # Certificate the editor and trainer present when they call a service that requires one;
+    # empty: this service's own cert_file / key_file.
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    # Accepted bearer tokens, one "NAME SCOPES TOKEN" a line; LATENTEDIT_TOKENS adds more.
+    tokens_file: str = ""
+    # The editor's and trainer's own token for their calls to the generator and scorer (needs
+    # scopes generate and score); LATENTEDIT_SERVICE_TOKEN, when set, wins.
+    service_token_file: str = ""
+
+
+@dataclass
 class Config:
     repository: str = "model-repo"
     services: dict[str, ServingOptions] = field(
@@ -88,6 +117,8 @@ class Config:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     editor: EditorConfig = field(default_factory=EditorConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     # Where services reach each other, e.g. {"generator": "generator:50051"} in Kubernetes;
     # a service not named here is reached at localhost on its configured port.
     addresses: dict[str, str] = field(default_factory=dict)
@@ -109,7 +140,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     config = Config()
-    unknown = set(raw) - {"repository", "services", "generator", "scorer", "trainer", "editor", "addresses"}
+    unknown = set(raw) - {"repository", "services", "generator", "scorer", "trainer", "editor", "addresses", "security",
+                          "observability"}
     if unknown:
         raise ValueError(f"config: unknown section(s) {sorted(unknown)}")
     if "repository" in raw:
@@ -122,6 +154,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     config.scorer = _merge(config.scorer, raw.get("scorer") or {}, "config.scorer")
     config.trainer = _merge(config.trainer, raw.get("trainer") or {}, "config.trainer")
     config.editor = _merge(config.editor, raw.get("editor") or {}, "config.editor")
+    config.security = _merge(config.security, raw.get("security") or {}, "config.security")
+    config.observability = _merge(config.observability, raw.get("observability") or {}, "config.observability")
     for name, address in (raw.get("addresses") or {}).items():
         if name not in SERVICE_NAMES:
             raise ValueError(f"config.addresses: unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")

@@ -20,9 +20,9 @@ SERVICE_NAME = scorer_pb2.DESCRIPTOR.services_by_name["ScorerService"].full_name
 
 def build(config: Config) -> tuple[ServiceHost, Scorer]:
     """Start listening (NOT_SERVING), load every head, warm each one up, then report SERVING."""
+    host = ServiceHost.for_service("scorer", config)  # checks the security settings first
     if config.scorer.threads:
         torch.set_num_threads(config.scorer.threads)
-    host = ServiceHost(config.services["scorer"])
     scorer = Scorer(ModelRepository(config.repository))
     servicer = ScorerServicer(scorer, config.scorer)
     host.add(scorer_pb2_grpc.add_ScorerServiceServicer_to_server, servicer, SERVICE_NAME)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def plaintext_unless_configured():
+    """Configs the tests build without a `security` section serve plaintext without tokens, in
+    this process and in the services they start as processes (LATENTEDIT_INSECURE: see
+    latentedit.config.SecurityConfig); tests/test_security.py configures security itself."""
+    os.environ.setdefault("LATENTEDIT_INSECURE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc
 from latentedit.config import Config
 from latentedit.repository import ModelRepository
 from latentedit.rpc.remote_world import CallScope, RemoteWorld, Services
+from latentedit.rpc.security import ClientSecurity
 from latentedit.rpc.serving import ServiceHost
 from trainer_svc import jobs
 from trainer_svc.runner import JobRunner
@@ -19,11 +20,14 @@ SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_na
 
 
 def build(config: Config) -> tuple[ServiceHost, JobStore]:
+    host = ServiceHost.for_service("trainer", config)  # checks the security settings first
+    # Jobs call the generator and scorer with the trainer's own credentials, never a caller's.
+    services = Services(config.address("generator"), config.address("scorer"),
+                        security=ClientSecurity.for_service(config.security, "trainer"), service="trainer")
     repo = ModelRepository(config.repository)
     store = JobStore(repo.root)
     runner = JobRunner(store, workers=config.trainer.workers)
-    deps = jobs.Dependencies(repo, Services(config.address("generator"), config.address("scorer")), config.trainer.call_timeout_s)
-    host = ServiceHost(config.services["trainer"])
+    deps = jobs.Dependencies(repo, services, config.trainer.call_timeout_s)
     servicer = TrainerServicer(store, runner, deps)
     host.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)
     host.on_shutdown(runner.close)

@@ -10,14 +10,29 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from latentedit import wire
+from latentedit import observability, wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc, types_pb2
 from latentedit.errors import RemoteError, Unavailable
+from latentedit.rpc.security import ClientSecurity
 from latentedit.rpc.serving import channel_options
 
 
-def connect(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=channel_options())
+def connect(address: str, token: str | None = None, ca_file: str | None = None, *, cert_file: str | None = None,
+            key_file: str | None = None, tls: bool | None = None, security: ClientSecurity | None = None,
+            service: str = "client") -> grpc.Channel:
+    """A channel to `address`, wrapped in the observability client interceptors of `service`.
+
+    With `security` exactly that; otherwise from the arguments, then the environment
+    (LATENTEDIT_TOKEN, LATENTEDIT_CA, LATENTEDIT_CERT, LATENTEDIT_KEY): TLS when a CA file or a
+    client certificate is given (or `tls=True`: the system's roots), plaintext otherwise; a token
+    rides on every call as `authorization: Bearer <token>`, over TLS only."""
+    if security is None:
+        security = ClientSecurity.from_args(token, ca_file, cert_file, key_file, tls)
+    if security.tls:
+        channel = grpc.secure_channel(address, security.channel_credentials(), options=channel_options())
+    else:
+        channel = grpc.insecure_channel(address, options=channel_options())
+    return grpc.intercept_channel(channel, *observability.client_interceptors(service))
 
 
 def wait_serving(channel: grpc.Channel, service: str = "", timeout_s: float = 120.0, what: str = "service") -> None:

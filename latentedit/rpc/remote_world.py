@@ -23,6 +23,7 @@ from latentedit.latents import Latents
 from latentedit.models.generator import IMAGE_LAYER, StagedGenerator
 from latentedit.repository import ModelRepository
 from latentedit.rpc.client import connect, dependency
+from latentedit.rpc.security import ClientSecurity
 from latentedit.scoring.base import OutputSpec
 from latentedit.world import GeneratorInfo, HeadInfo, Scores
 
@@ -96,16 +97,23 @@ class CallScope:
 
 @dataclass
 class Services:
-    """Channels to the generator and the scorer, shared by every RemoteWorld of a process."""
+    """Channels to the generator and the scorer, shared by every RemoteWorld of a process.
+
+    They carry this service's own credentials (`security`: its token and client certificate),
+    never a caller's; plaintext when None."""
 
     generator_address: str
     scorer_address: str
     generator_channel: grpc.Channel | None = None
     scorer_channel: grpc.Channel | None = None
+    security: ClientSecurity | None = None
+    service: str = "client"  # who calls, for the observability client interceptors
 
     def __post_init__(self) -> None:
-        self.generator_channel = self.generator_channel or connect(self.generator_address)
-        self.scorer_channel = self.scorer_channel or connect(self.scorer_address)
+        security = self.security or ClientSecurity()
+        self.generator_channel = self.generator_channel or connect(self.generator_address, security=security,
+                                                                   service=self.service)
+        self.scorer_channel = self.scorer_channel or connect(self.scorer_address, security=security, service=self.service)
         self.generator = generator_pb2_grpc.GeneratorServiceStub(self.generator_channel)
         self.scorer = scorer_pb2_grpc.ScorerServiceStub(self.scorer_channel)
 

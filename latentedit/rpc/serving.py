@@ -5,6 +5,11 @@ concurrency, `grpc.health.v1` (NOT_SERVING until the service says it is warm), s
 reflection, one interceptor that turns `LatentEditError`s into status codes, and a graceful
 shutdown on SIGTERM / SIGINT (health goes NOT_SERVING, new calls are refused, calls in flight
 get a grace period to finish).
+
+Services are built with `ServiceHost.for_service(name, config)`: TLS and bearer tokens from
+`config.security` (`latentedit.rpc.security`), observability from `config.observability`. The
+interceptor chain, outermost first: observability (so refused calls are counted and traced
+too), authentication (refuses before any handler work), error mapping.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from latentedit.config import ServingOptions
+from latentedit import observability
+from latentedit.config import Config, SecurityConfig, ServingOptions
 from latentedit.errors import LatentEditError
+from latentedit.observability import ObservabilityConfig
+from latentedit.rpc.security import ServerSecurity, check_service_scopes, resolve
 
 log = logging.getLogger(__name__)
 # Health service name that reports the process alive, for Kubernetes liveness probes: it
@@ -136,14 +144,27 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
 
 class ServiceHost:
-    """Hosts one or more servicers on one port with health, reflection and shutdown."""
+    """Hosts one or more servicers on one port with health, reflection and shutdown.
 
-    def __init__(self, options: ServingOptions) -> None:
+    `security` None serves plaintext without tokens (tests and embedding that build a host by
+    hand); the services pass their config's section through `for_service`, where plaintext
+    needs `insecure: true`. A section that cannot work raises SecurityConfigError (one line)
+    here, before anything loads."""
+
+    def __init__(self, options: ServingOptions, security: SecurityConfig | None = None, service: str = "",
+                 observability_config: ObservabilityConfig | None = None) -> None:
         self.options = options
+        self.service = service or "latentedit"
+        self.security: ServerSecurity | None = resolve(security) if security is not None else None
+        self.observability = observability_config or ObservabilityConfig()
         self.calls = CallCounter()
+        interceptors: list[grpc.ServerInterceptor] = [*observability.server_interceptors(self.service)]
+        if self.security is not None:
+            interceptors.append(self.security.interceptor())
+        interceptors.append(ErrorMappingInterceptor(self.calls))
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="rpc"),
-            interceptors=[ErrorMappingInterceptor(self.calls)],
+            interceptors=interceptors,
             options=channel_options(options.max_message_bytes),
             maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         )
@@ -154,7 +175,14 @@ class ServiceHost:
         self._stop_requested = threading.Event()
         self.port = 0
 
+    @classmethod
+    def for_service(cls, name: str, config: Config) -> ServiceHost:
+        """The host of service `name` (generator, scorer, trainer, editor) as `config` says."""
+        return cls(config.services[name], config.security, name, config.observability)
+
     def add(self, register: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str) -> None:
+        if self.security is not None:
+            check_service_scopes(full_name)
         register(servicer, self.server)
         self.service_names.append(full_name)
 
@@ -165,12 +193,23 @@ class ServiceHost:
         names = [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
         self.set_serving(False)
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        observability.start(self.service, self.observability)
+        address = f"{self.options.host}:{self.options.port}"
+        if self.security is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.security.credentials())
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.options.host}:{self.options.port}")
         self.server.start()
-        log.info("listening on port %d: %s", self.port, ", ".join(self.service_names))
+        log.info("listening on port %d (%s): %s", self.port, self.transport(), ", ".join(self.service_names))
         return self.port
+
+    def transport(self) -> str:
+        if self.security is None:
+            return "plaintext, no tokens"
+        mode = "mutual TLS" if self.security.require_client_cert else "TLS"
+        return f"{mode}, {len(self.security.tokens.tokens)} bearer token(s), certificate {self.security.certificates.description}"
 
     def set_serving(self, serving: bool) -> None:
         """Readiness: "" and each service name. "liveness" is SERVING while the process runs."""
