@@ -3,12 +3,21 @@
 The newest version of every generator in the repository is loaded and warmed at start-up; a
 poll thread loads new versions as they appear (no restart), and older versions load on first
 use.
+
+Memory is bounded: at most `max_loaded_models` (name, version) pairs stay loaded (config
+`generator.max_loaded_models`, default MAX_LOADED_MODELS); loading one more unloads the least
+recently used. Start-up and the poll load the newest versions of at most that many generators
+(the default model first); others load on first use. An unloaded model's batchers finish what
+is queued and end; a call that already holds it still completes (run unbatched in the
+caller's thread), and its memory is freed when the last such call ends.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -27,8 +36,9 @@ from generator_svc.backends import (
     cuda_available,
     tensorrt_available,
 )
+from latentedit import observability as obs
 from latentedit.api.v1 import types_pb2
-from latentedit.batching import DynamicBatcher
+from latentedit.batching import DynamicBatcher, result_within
 from latentedit.config import GeneratorConfig
 from latentedit.errors import FailedPrecondition, InvalidArgument
 from latentedit.latents import Latents, LatentSpaceSpec
@@ -39,6 +49,8 @@ from latentedit.rpc.serving import PeriodicTask
 
 log = logging.getLogger(__name__)
 GENERATOR_KIND = "generator"
+# Default bound on loaded (name, version) pairs when the config does not set max_loaded_models.
+MAX_LOADED_MODELS = 4
 
 
 @dataclass
@@ -51,6 +63,9 @@ class LoadedGenerator:
     config: GeneratorConfig
     _batchers: dict[tuple, DynamicBatcher] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Unloaded from the pool: no batchers any more; calls still holding it run unbatched, one at a time.
+    _retired: bool = False
+    _direct_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def spec(self):
@@ -93,11 +108,35 @@ class LoadedGenerator:
         on_abandon: Callable[[Callable[[], None]], object] | None = None,
     ) -> dict[str, np.ndarray]:
         """Run `x` in the batcher of this path and wait (DeadlineExceeded after `timeout_s`)."""
-        return self._batcher(backend, from_layer, to_layers).run(x, timeout_s, on_abandon)
+        future = self.submit(backend, x, from_layer, to_layers, timeout_s)
+        if on_abandon is not None:
+            on_abandon(future.cancel)
+        return result_within(future, timeout_s)
 
-    def submit(self, backend: GeneratorBackend, x: np.ndarray, from_layer: str, to_layers: Sequence[str]) -> Future:
-        """Queue `x` in the batcher of this path without waiting (see `batching.result_within`)."""
-        return self._batcher(backend, from_layer, to_layers).submit(x)
+    def submit(
+        self,
+        backend: GeneratorBackend,
+        x: np.ndarray,
+        from_layer: str,
+        to_layers: Sequence[str],
+        timeout_s: float | None = None,
+    ) -> Future:
+        """Queue `x` in the batcher of this path without waiting (see `batching.result_within`);
+        `timeout_s` is the caller's remaining deadline (admission and dropping, see batching.py)."""
+        with self._lock:  # one step with close(): a batcher is never used after its model is unloaded
+            if not self._retired:
+                return self._batcher(backend, from_layer, to_layers).submit(x, timeout_s)
+        return self._run_directly(backend, x, from_layer, list(to_layers))
+
+    def _run_directly(self, backend: GeneratorBackend, x: np.ndarray, from_layer: str, to_layers: list[str]) -> Future:
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        try:
+            with self._direct_lock:
+                future.set_result(backend.run(x, from_layer, to_layers))
+        except BaseException as exc:  # noqa: BLE001 - the caller hears it through the future
+            future.set_exception(exc)
+        return future
 
     def batcher(self, backend_kind: int, from_layer: str, to_layers: Sequence[str]) -> DynamicBatcher | None:
         """The batcher of one path once a request has used it (its stats and queue are observable)."""
@@ -105,20 +144,21 @@ class LoadedGenerator:
             return self._batchers.get((backend_kind, from_layer, tuple(to_layers)))
 
     def _batcher(self, backend: GeneratorBackend, from_layer: str, to_layers: Sequence[str]) -> DynamicBatcher:
+        """The batcher of this path, made on first use (call with self._lock held)."""
         key = (backend.kind, from_layer, tuple(to_layers))
-        with self._lock:
-            batcher = self._batchers.get(key)
-            if batcher is None:
-                layers = list(to_layers)
-                batcher = DynamicBatcher(
-                    lambda rows: backend.run(rows, from_layer, layers),
-                    max_batch_size=self.config.max_batch_size,
-                    max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
-                    max_queue_rows=self.config.max_queue_rows,
-                    name=f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}",
-                )
-                self._batchers[key] = batcher
-            return batcher
+        batcher = self._batchers.get(key)
+        if batcher is None:
+            layers = list(to_layers)
+            batcher = DynamicBatcher(
+                lambda rows: backend.run(rows, from_layer, layers),
+                max_batch_size=self.config.max_batch_size,
+                max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
+                max_queue_rows=self.config.max_queue_rows,
+                name=f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}",
+                kind="generator",
+            )
+            self._batchers[key] = batcher
+        return batcher
 
     def warm_up(self) -> None:
         """One small batch through every backend so the first real call pays no set-up cost."""
@@ -126,11 +166,20 @@ class LoadedGenerator:
         for backend in self.backends.values():
             backend.run(latent, self.spec.layers[0].name, [self.spec.layers[-1].name])
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Unload: batchers take no more work; queued work is computed, then their threads end.
+
+        `wait`: block until they have ended. Without it (LRU eviction) only idle batchers are
+        waited for; busy ones end by themselves once their queue is empty."""
         with self._lock:
-            for batcher in self._batchers.values():
-                batcher.close()
+            self._retired = True
+            batchers = list(self._batchers.values())
             self._batchers.clear()
+        for batcher in batchers:
+            batcher.close(wait=False)
+        for batcher in batchers:
+            if wait or batcher.idle:
+                batcher.join(5)
 
 
 def resolve_device(setting: str) -> str:
@@ -142,29 +191,68 @@ def resolve_device(setting: str) -> str:
 
 
 class GeneratorPool:
-    def __init__(self, repo: ModelRepository, config: GeneratorConfig) -> None:
+    def __init__(self, repo: ModelRepository, config: GeneratorConfig, max_loaded: int | None = None) -> None:
+        """`max_loaded`: the LRU bound (default: config `max_loaded_models`, else MAX_LOADED_MODELS)."""
         self.repo = repo
         self.config = config
         self.device = resolve_device(config.device)
-        self._loaded: dict[tuple[str, int], LoadedGenerator] = {}
-        self._lock = threading.Lock()
+        if max_loaded is None:
+            max_loaded = int(getattr(config, "max_loaded_models", MAX_LOADED_MODELS))
+        self.max_loaded = max(1, max_loaded)
+        # Least recently used first.
+        self._loaded: OrderedDict[tuple[str, int], LoadedGenerator] = OrderedDict()
+        self._lock = threading.Lock()  # guards _loaded (held briefly)
+        self._load_lock = threading.Lock()  # one load at a time (slow: export, warm-up)
         self._poller: PeriodicTask | None = None
+        self.evictions = 0
 
     def get(self, name: str, version: int = 0) -> LoadedGenerator:
         """The loaded (name, version); an empty name means the configured default model."""
         entry = self.repo.resolve(name or self.config.default_model, version, kind=GENERATOR_KIND)
         key = (entry.name, entry.version)
-        loaded = self._loaded.get(key)
+        loaded = self._lookup(key)
         if loaded is not None:
             return loaded
+        with self._load_lock:
+            loaded = self._lookup(key)
+            if loaded is not None:
+                return loaded
+            started = time.perf_counter()
+            loaded = self._load(entry)
+            obs.observe_model_load(GENERATOR_KIND, time.perf_counter() - started)
+            with self._lock:
+                self._loaded[key] = loaded
+                evicted = []
+                while len(self._loaded) > self.max_loaded:
+                    evicted.append(self._loaded.popitem(last=False))
+            obs.MODELS_LOADED.labels(GENERATOR_KIND).inc()
+        for (old_name, old_version), old in evicted:
+            log.info("unloading generator %s v%d (least recently used; at most %d loaded)", old_name, old_version,
+                     self.max_loaded)
+            old.close(wait=False)
+            self.evictions += 1
+            obs.MODELS_LOADED.labels(GENERATOR_KIND).dec()
+            obs.MODEL_EVICTIONS.labels(GENERATOR_KIND).inc()
+        return loaded
+
+    def _lookup(self, key: tuple[str, int]) -> LoadedGenerator | None:
         with self._lock:
-            if key not in self._loaded:
-                self._loaded[key] = self._load(entry)
-            return self._loaded[key]
+            loaded = self._loaded.get(key)
+            if loaded is not None:
+                self._loaded.move_to_end(key)
+            return loaded
+
+    def loaded_keys(self) -> list[tuple[str, int]]:
+        """(name, version) of every loaded model, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
 
     def refresh(self) -> list[LoadedGenerator]:
-        """Load the newest version of every generator in the repository."""
-        return [self.get(name) for name in self.repo.names(GENERATOR_KIND)]
+        """Load the newest version of every generator in the repository (of at most
+        `max_loaded` generators, the default first, so the poll never cycles the LRU)."""
+        names = self.repo.names(GENERATOR_KIND)
+        names = sorted(names, key=lambda n: n != self.config.default_model)[: self.max_loaded]
+        return [self.get(name) for name in names]
 
     def _load(self, entry: Entry) -> LoadedGenerator:
         log.info("loading generator %s v%d on %s", entry.name, entry.version, self.device)
@@ -225,5 +313,9 @@ class GeneratorPool:
     def close(self) -> None:
         if self._poller is not None:
             self._poller.stop()
-        for loaded in list(self._loaded.values()):
+        with self._lock:
+            loaded_models = list(self._loaded.values())
+            self._loaded.clear()
+        for loaded in loaded_models:
             loaded.close()
+            obs.MODELS_LOADED.labels(GENERATOR_KIND).dec()

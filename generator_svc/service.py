@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -98,7 +98,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return self._answer(request, context)
 
     def SynthesizeStream(self, request_iterator, context) -> Iterator[generator_pb2.SynthesizeResponse]:
-        stream = _StreamReader(self, request_iterator)
+        stream = _StreamReader(self, request_iterator, lambda: deadline_seconds(context))
         with self._streams_lock:
             self._streams.add(stream)
         # The RPC ending for any reason (client cancel, deadline, shutdown) stops the reader
@@ -239,8 +239,9 @@ class _StreamReader:
     nothing more is computed for a stream nobody reads.
     """
 
-    def __init__(self, servicer: GeneratorServicer, requests: Iterator) -> None:
+    def __init__(self, servicer: GeneratorServicer, requests: Iterator, time_left: Callable[[], float]) -> None:
         self._servicer = servicer
+        self._time_left = time_left  # seconds before the stream's deadline
         self._stats = servicer.stream_stats
         self._requests = requests
         self._changed = threading.Condition()
@@ -280,7 +281,7 @@ class _StreamReader:
                 with self._changed:
                     self._stats.read_one(self._unanswered)
                 job = self._servicer._prepare(request)
-                future = job.loaded.submit(job.backend, job.inputs, job.from_layer, job.to_layers)
+                future = job.loaded.submit(job.backend, job.inputs, job.from_layer, job.to_layers, self._time_left())
                 with self._changed:
                     if self._stopped:
                         future.cancel()

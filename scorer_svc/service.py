@@ -1,14 +1,20 @@
-"""ScorerService: a thin adapter from the v1 messages to `latentedit.scoring.Scorer`."""
+"""ScorerService: a thin adapter from the v1 messages to `latentedit.scoring.Scorer`.
+
+Score batches calls per (heads, image size): one batcher (and worker thread) each. At most
+`max_batchers` of them live (config `scorer.max_batchers`, default MAX_BATCHERS); a new
+(heads, size) unloads the least recently used, which finishes what it has queued and ends.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 
 import numpy as np
 
 from latentedit import wire
 from latentedit.api.v1 import scorer_pb2, scorer_pb2_grpc, types_pb2
-from latentedit.batching import BatcherStats, DynamicBatcher
+from latentedit.batching import BatcherStats, DynamicBatcher, result_within
 from latentedit.config import ScorerConfig
 from latentedit.errors import InvalidArgument, ResourceExhausted
 from latentedit.rpc.serving import deadline_seconds
@@ -23,6 +29,8 @@ HEAD_KINDS = {
     "caption": scorer_pb2.HEAD_KIND_CAPTION,
 }
 _CAPTIONS = "__captions__"
+# Default bound on live batchers when the config does not set max_batchers.
+MAX_BATCHERS = 16
 
 
 def _flatten(results: dict[str, HeadResult]) -> dict[str, np.ndarray]:
@@ -41,10 +49,15 @@ def _image_count(batch: types_pb2.ImageBatch) -> int:
 
 
 class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
-    def __init__(self, scorer: Scorer, config: ScorerConfig) -> None:
+    def __init__(self, scorer: Scorer, config: ScorerConfig, max_batchers: int | None = None) -> None:
+        """`max_batchers`: the LRU bound (default: config `max_batchers`, else MAX_BATCHERS)."""
         self.scorer = scorer
         self.config = config
-        self._batchers: dict[tuple, DynamicBatcher] = {}
+        if max_batchers is None:
+            max_batchers = int(getattr(config, "max_batchers", MAX_BATCHERS))
+        self.max_batchers = max(1, max_batchers)
+        self._batchers: OrderedDict[tuple, DynamicBatcher] = OrderedDict()  # least recently used first
+        self._retired = BatcherStats()  # what unloaded batchers had done
         self._lock = threading.Lock()
 
     def ListHeads(self, request, context):
@@ -77,19 +90,10 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
             raise ResourceExhausted(f"images: batch of {count} is larger than the limit {self.config.max_request_batch}; split it")
         images = wire.decode_images(request.images)
         check_images(images)
-        key = (tuple(names), images.shape[1:])
-        with self._lock:
-            batcher = self._batchers.get(key)
-            if batcher is None:
-                batcher = DynamicBatcher(
-                    lambda rows: _flatten(self.scorer.score(rows, names)),
-                    max_batch_size=self.config.max_batch_size,
-                    max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
-                    max_queue_rows=self.config.max_queue_rows,
-                    name=f"score-{'-'.join(names)[:40]}",
-                )
-                self._batchers[key] = batcher
-        flat = batcher.run(images, deadline_seconds(context), context.add_callback)
+        timeout_s = deadline_seconds(context)
+        future = self._submit((tuple(names), images.shape[1:]), names, images, timeout_s)
+        context.add_callback(future.cancel)  # the caller gone: its queued rows are dropped
+        flat = result_within(future, timeout_s)
         response = scorer_pb2.ScoreResponse()
         for head in names:
             output = types_pb2.HeadOutput(head=head)
@@ -117,19 +121,66 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
                 raise InvalidArgument(f"texts[{i}]: {tokens} tokens, more than the model's {embedder.max_tokens}; shorten it")
         return scorer_pb2.EmbedTextResponse(embeddings=wire.to_tensor(embedder.embed(texts)))
 
+    def _submit(self, key: tuple, names: list[str], images: np.ndarray, timeout_s: float):
+        """Queue `images` in the batcher of `key` (made, and the LRU one unloaded, if new)."""
+        evicted: list[DynamicBatcher] = []
+        with self._lock:  # lookup and submit in one step: an unloaded batcher is never handed work
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = DynamicBatcher(
+                    lambda rows: _flatten(self.scorer.score(rows, names)),
+                    max_batch_size=self.config.max_batch_size,
+                    max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
+                    max_queue_rows=self.config.max_queue_rows,
+                    name=f"score-{'-'.join(names)[:40]}",
+                    kind="scorer",
+                )
+                self._batchers[key] = batcher
+                while len(self._batchers) > self.max_batchers:
+                    evicted.append(self._batchers.popitem(last=False)[1])
+                    _add_stats(self._retired, evicted[-1].stats)
+            else:
+                self._batchers.move_to_end(key)
+            future = batcher.submit(images, timeout_s)
+        for old in evicted:
+            old.close(wait=False)  # computes what it has queued, then its thread ends
+            if old.idle:
+                old.join(5)
+        return future
+
+    def batcher_count(self) -> int:
+        """Live (heads, image size) batchers: at most max_batchers."""
+        with self._lock:
+            return len(self._batchers)
+
+    def queued_rows(self) -> int:
+        """Images waiting in the live batchers' queues."""
+        with self._lock:
+            batchers = list(self._batchers.values())
+        return sum(b.queued_rows for b in batchers)
+
     def batcher_stats(self) -> BatcherStats:
         """Batches and rows run so far, over every (heads, image size) batcher."""
         with self._lock:
             batchers = list(self._batchers.values())
-        total = BatcherStats()
+            total = BatcherStats()
+            _add_stats(total, self._retired)
         for batcher in batchers:
-            total.batches += batcher.stats.batches
-            total.rows += batcher.stats.rows
-            total.largest_batch = max(total.largest_batch, batcher.stats.largest_batch)
-            total.dropped_rows += batcher.stats.dropped_rows
+            _add_stats(total, batcher.stats)
         return total
 
     def close(self) -> None:
         with self._lock:
-            for batcher in self._batchers.values():
-                batcher.close()
+            batchers = list(self._batchers.values())
+            self._batchers.clear()
+        for batcher in batchers:
+            batcher.close()
+
+
+def _add_stats(total: BatcherStats, stats: BatcherStats) -> None:
+    total.batches += stats.batches
+    total.rows += stats.rows
+    total.largest_batch = max(total.largest_batch, stats.largest_batch)
+    total.dropped_rows += stats.dropped_rows
+    total.expired_rows += stats.expired_rows
+    total.refused_requests += stats.refused_requests

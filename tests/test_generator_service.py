@@ -503,3 +503,86 @@ def test_new_versions_are_discovered_without_restart(fresh_repo):
         channel.close()
     finally:
         host.stop(0)
+
+
+# ---- bounded memory: loaded versions are an LRU --------------------------------------------------
+
+
+def _add_versions(repo, count: int) -> None:
+    """`count` more versions of the default generator (same weights: the ONNX export is cached)."""
+    from latentedit.install import DEFAULT_GENERATOR
+
+    current = repo.resolve(DEFAULT_GENERATOR)
+    weights = current.file("weights").read_bytes()
+    manifest = {k: v for k, v in current.manifest.items() if k in ("kind", "architecture", "config", "files")}
+    for _ in range(count):
+        repo.write(DEFAULT_GENERATOR, manifest, lambda d: (d / "weights.safetensors").write_bytes(weights))
+
+
+def _batcher_threads(version: int) -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith(f"batch-dcgan-faces-v{version}-")}
+
+
+def test_loading_many_versions_keeps_the_loaded_count_bounded(fresh_repo):
+    from generator_svc.pool import GeneratorPool
+    from latentedit.config import GeneratorConfig
+
+    _add_versions(fresh_repo, 5)
+    pool = GeneratorPool(fresh_repo, GeneratorConfig(), max_loaded=2)
+    z = _z(0, 2)
+    others = set(threading.enumerate())  # other servers of this module have v1 batchers too
+    try:
+        for version in range(1, 7):
+            loaded = pool.get("dcgan-faces", version)
+            torch_backend = loaded.backends[types_pb2.BACKEND_TORCH]
+            out = loaded.run(torch_backend, z, INPUT_LAYER, [IMAGE_LAYER], timeout_s=60)
+            assert out[IMAGE_LAYER].shape == (2, 3, 64, 64)
+            assert len(pool.loaded_keys()) <= 2, pool.loaded_keys()
+        assert pool.loaded_keys() == [("dcgan-faces", 5), ("dcgan-faces", 6)]
+        assert pool.evictions == 4
+        # Unloaded versions leave no batcher thread behind (idle ones are joined when unloaded).
+        assert not set().union(*(_batcher_threads(v) for v in range(1, 5))) - others
+        assert pool.get("dcgan-faces", 1).entry.version == 1  # unloaded versions load again on use
+        assert pool.loaded_keys() == [("dcgan-faces", 6), ("dcgan-faces", 1)]
+    finally:
+        pool.close()
+
+
+def test_unloading_a_version_answers_the_calls_it_holds(fresh_repo):
+    """max_loaded=1: loading v2 unloads v1 while v1 computes one call and holds another queued;
+    both are answered with their own images, and a caller still holding v1 is served unbatched."""
+    from generator_svc.pool import GeneratorPool
+    from latentedit.config import GeneratorConfig
+
+    _add_versions(fresh_repo, 1)
+    pool = GeneratorPool(fresh_repo, GeneratorConfig(), max_loaded=1)
+    try:
+        v1 = pool.get("dcgan-faces", 1)
+        held = HeldBackend(v1.backends[types_pb2.BACKEND_TORCH])
+        results: dict[int, np.ndarray] = {}
+
+        def call(seed: int, rows: int) -> None:
+            results[seed] = v1.run(held, _z(seed, rows), INPUT_LAYER, [IMAGE_LAYER], timeout_s=60)[IMAGE_LAYER]
+
+        running = threading.Thread(target=call, args=(0, 1))
+        running.start()
+        held.wait_for_batches(1)
+        queued = threading.Thread(target=call, args=(1, 3))
+        queued.start()
+        batcher = v1.batcher(types_pb2.BACKEND_TORCH, INPUT_LAYER, [IMAGE_LAYER])
+        wait_until(lambda: batcher.queued_rows == 3, lambda: f"3 rows should be queued; {batcher.queued_rows} are")
+        pool.get("dcgan-faces", 2)
+        assert pool.loaded_keys() == [("dcgan-faces", 2)]
+        held.released.set()
+        running.join(60)
+        queued.join(60)
+        assert held.batches == [1, 3]
+        for seed, rows in ((0, 1), (1, 3)):
+            np.testing.assert_allclose(results[seed], held.inner.run(_z(seed, rows), INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER],
+                                       atol=1e-5)
+        assert batcher.join(30), "the unloaded version's batcher thread did not end after its queue emptied"
+        late = v1.run(held, _z(2, 2), INPUT_LAYER, [IMAGE_LAYER], timeout_s=60)[IMAGE_LAYER]  # a caller still holding v1
+        assert late.shape == (2, 3, 64, 64) and held.batches == [1, 3, 2]
+        assert v1.batcher(types_pb2.BACKEND_TORCH, INPUT_LAYER, [IMAGE_LAYER]) is None  # served without a new batcher
+    finally:
+        pool.close()

@@ -328,3 +328,87 @@ def test_bad_texts(stub):
     _expect(stub, "EmbedText", scorer_pb2.EmbedTextRequest(texts=["word " * 300]), INVALID, "tokens, more than")
     _expect(stub, "EmbedText", scorer_pb2.EmbedTextRequest(texts=["x" * 3000]), INVALID, "characters, more than")
     _expect(stub, "EmbedText", scorer_pb2.EmbedTextRequest(texts=["a"] * 300), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit")
+
+
+# ---- bounded memory: the (heads, image size) batchers are an LRU ------------------------------
+
+
+def _score_threads() -> set:
+    import threading
+
+    return {t for t in threading.enumerate() if t.name.startswith("score-")}
+
+
+def test_many_image_sizes_keep_the_batchers_and_their_threads_bounded(scorer_server, installed_repo):
+    host, channel, tuned, servicer = _serve_scorer(scorer_server[1], installed_repo, max_batchers=4)
+    before = _score_threads()
+    try:
+        sizes = [(32 + i % 15, 32 + i // 15) for i in range(150)]  # 150 distinct image sizes
+        for height, width in sizes:
+            image = np.full((1, height, width, 3), 120, np.uint8)
+            assert score(tuned, image, ["expression"])["expression"][0]["probabilities"].shape == (1, 7)
+            assert servicer.batcher_count() <= 4
+        new_threads = _score_threads() - before
+        stats = servicer.batcher_stats()
+    finally:
+        channel.close()
+        host.stop(0)
+    assert len(new_threads) <= 4, f"{len(new_threads)} batcher threads alive after 150 image sizes (bound 4)"
+    assert stats.rows == 150 and stats.batches == 150, stats  # unloaded batchers' work is still counted
+
+
+class HeldScorer:
+    """The real scorer behind a gate: each scoring batch waits until the test releases it."""
+
+    def __init__(self, inner) -> None:
+        import threading
+
+        self.inner = inner
+        self.released = threading.Event()
+        self._changed = threading.Condition()
+        self.batches = 0  # batches that have reached the gate
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, images, names=()):
+        with self._changed:
+            self.batches += 1
+            self._changed.notify_all()
+        if not self.released.wait(60):  # reaches the callers as an error, never hangs the worker
+            raise TimeoutError("the test never released the scorer")
+        return self.inner.score(images, names)
+
+    def wait_for_batches(self, count: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.batches >= count, 30), f"{count} batches never reached the scorer"
+
+
+def test_unloading_a_batcher_answers_the_calls_it_holds(scorer_server, installed_repo, face_latents_and_images):
+    """max_batchers=1: a call of another image size unloads the batcher that is computing one
+    call and holds another queued; both are still answered, with their own rows."""
+    from tests.test_generator_service import wait_until
+
+    _, faces, _ = face_latents_and_images
+    real = scorer_server[1]
+    held = HeldScorer(real)
+    host, channel, tuned, servicer = _serve_scorer(held, installed_repo, max_batchers=1)
+    small = np.ascontiguousarray(faces[:2, 8:56, 8:56])  # another image size: another batcher
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            running = pool.submit(score, tuned, faces[:1], ["expression"])
+            held.wait_for_batches(1)
+            queued = pool.submit(score, tuned, faces[1:3], ["expression"])
+            wait_until(lambda: servicer.queued_rows() == 2, lambda: f"2 rows should be queued; {servicer.queued_rows()} are")
+            evicting = pool.submit(score, tuned, small, ["expression"])  # unloads the 64x64 batcher
+            held.wait_for_batches(2)  # the new batcher's batch reached the scorer
+            assert servicer.batcher_count() == 1 and servicer.queued_rows() == 0
+            held.released.set()
+            answers = [f.result(60)["expression"][0]["probabilities"] for f in (running, queued, evicting)]
+    finally:
+        held.released.set()
+        channel.close()
+        host.stop(0)
+    for images, answer in zip((faces[:1], faces[1:3], small), answers):
+        alone = real.score(images, ["expression"])["expression"].outputs["probabilities"]
+        np.testing.assert_allclose(answer, alone, atol=1e-5)

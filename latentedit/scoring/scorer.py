@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from latentedit import observability as obs
 from latentedit.errors import FailedPrecondition, NotFound
 from latentedit.repository import ModelRepository
 from latentedit.scoring.base import HEAD_KIND, MODEL_KIND, Batch, Head, HeadResult, check_images
@@ -46,8 +48,10 @@ class Scorer:
                 self._fail(entry.name, entry.version, f"unknown implementation {implementation!r}; known: {', '.join(HEAD_TYPES)}")
                 continue
             try:
+                started = time.perf_counter()
                 models = {role: self._model(name) for role, name in entry.manifest.get("models", {}).items()}
                 head = head_type(entry, models)
+                obs.observe_model_load("head", time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 - one broken head must not take the others down
                 log.debug("head %s v%d failed to load", entry.name, entry.version, exc_info=True)
                 self._fail(entry.name, entry.version, str(exc))
@@ -65,7 +69,9 @@ class Scorer:
             loader = MODEL_LOADERS.get(entry.manifest.get("format", ""))
             if loader is None:
                 raise FailedPrecondition(f"scorer model {name}: unknown format {entry.manifest.get('format')!r}")
+            started = time.perf_counter()
             self._models[key] = loader(entry)
+            obs.observe_model_load("scorer_model", time.perf_counter() - started)
         return self._models[key]
 
     @property
