@@ -69,6 +69,7 @@ UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
 CALL_TIMEOUT_S = 60.0  # every corpus call carries a deadline: a hang is a DEADLINE_EXCEEDED
 TINY_DEADLINE_S = 0.001
 HUGE = "x" * (1 << 20)  # a 1 MiB string
+LONG_JOB_SAMPLES = 500_000  # a boundary job of this many samples runs for many minutes on a CPU
 
 SERVICES = {
     "generator": generator_pb2.DESCRIPTOR.services_by_name["GeneratorService"],
@@ -310,7 +311,7 @@ STRING_FIELDS = {
 # A name a job writes: a new, well-formed name is fine (the job would write it), a malformed one is not.
 STRING_ROLES["repo-name-write"] = [("traversal", "../dcgan-faces", INVALID), ("absolute", "/tmp/x", INVALID),
                                    ("nul", "a\x00b", INVALID), ("1MiB", HUGE, INVALID),
-                                   ("another kind's name", GENERATOR, INVALID)]
+                                   ("another kind's name", GENERATOR, grpc.StatusCode.ALREADY_EXISTS)]
 
 # Numbers: explicit (label, value, code) per field. Floats also get NaN, +Inf and -Inf
 # (INVALID_ARGUMENT) unless FLOAT_NONFINITE says otherwise.
@@ -427,6 +428,7 @@ WORLD_BREAKERS = ("another kind's name", "named like a head")
 OVERRIDES: dict[str, grpc.StatusCode] = {
     # The key is checked before the spec, so the planned kind's UNIMPLEMENTED comes second.
     "trainer.StartJob[flow]:idempotency_key: 1MiB": INVALID,
+    "trainer.StartJob[flow]:display_name: 1MiB": INVALID,
     # keypoints_head belongs to KEYPOINTS mappings: an ATTRIBUTES mapping ignores it.
     "trainer.StartJob[mapping]:mapping.keypoints_head: unknown": OK,
     "trainer.StartJob[mapping]:mapping.keypoints_head: 1MiB": OK,
@@ -746,7 +748,8 @@ def _extra_cases() -> list[Case]:
         correlation=trainer_pb2.CorrelationJobSpec(boundaries=[YAW], num_samples=100)), INVALID))
     cases.append(Case("trainer.StartJob a boundary named like a head", "trainer", "StartJob", trainer_pb2.StartJobRequest(
         custom_boundary=trainer_pb2.CustomBoundaryJobSpec(latents=latents(40), labels=tensor(np.arange(40) % 2),
-                                                          options=trainer_pb2.TrainingOptions(artifact_name="pose"))), INVALID))
+                                                          options=trainer_pb2.TrainingOptions(artifact_name="pose"))),
+                      grpc.StatusCode.ALREADY_EXISTS))
     return cases
 
 
@@ -803,7 +806,7 @@ def call(channel: grpc.Channel, case: Case, substitute: dict[str, str] | None = 
         return Outcome(exc.code(), exc.details() or "", time.monotonic() - started, answers, last)
 
 
-def valid_call(channels: dict[str, grpc.Channel], service: str, job_id: str = "") -> Outcome:
+def valid_call(channels: dict[str, grpc.Channel], service: str, boundary: str = YAW) -> Outcome:
     """A cheap valid call that does real work on `service`: it must succeed after every case."""
     requests = {
         "generator": Case("probe", "generator", "Synthesize", generator_pb2.SynthesizeRequest(latents=latents(1)), OK),
@@ -811,7 +814,7 @@ def valid_call(channels: dict[str, grpc.Channel], service: str, job_id: str = ""
         # StartJob resolves the generator and the head before it finds the existing job by its key.
         "trainer": Case("probe", "trainer", "StartJob", PROBE_JOB, OK),
         "editor": Case("probe", "editor", "Edit", edit_request("interfacegan", editor_pb2.InterFaceGANEdit(
-            boundary=YAW, end_distance=1), frames=1, omit_images=False), OK),
+            boundary=boundary, end_distance=1), frames=1, omit_images=False), OK),
     }
     return call(channels[service], requests[service])
 
@@ -1027,7 +1030,7 @@ def run_case(suite: ProcessSuite, case: Case) -> tuple[Outcome, Outcome]:
     if getattr(case.request, "id", None) == "@running":
         # A job that runs for minutes, so the watch is certainly mid-stream when the client cancels.
         running = trainer_stub(suite).StartJob(trainer_pb2.StartJobRequest(boundary=trainer_pb2.BoundaryJobSpec(
-            attribute=attribute("pose", "yaw"), num_samples=1_000_000, keep_fraction=0.1)), timeout=60)
+            attribute=attribute("pose", "yaw"), num_samples=LONG_JOB_SAMPLES, keep_fraction=0.1)), timeout=60)
         substitute["@running"] = running.id
     outcome = call(suite.channel(case.service), case, substitute)
     started = [running.id] if running is not None else []
