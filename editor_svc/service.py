@@ -22,7 +22,7 @@ from latentedit.latents import Latents
 from latentedit.methods import registry
 from latentedit.methods.base import COMPLETED, DIVERGED, STEP_LIMIT, TARGET_REACHED, Editable, Frame, FrameRequest
 from latentedit.methods.inversion import invert
-from latentedit.repository import ModelRepository
+from latentedit.repository import ModelRepository, validate_name
 from latentedit.rpc.remote_world import CallScope, RemoteWorld, Services
 from latentedit.world import GeneratorInfo, LocalWorld, World, require_heads
 
@@ -105,6 +105,9 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
 
     def Edit(self, request, context):
         method = registry.method(request.WhichOneof("method"))
+        wire.check_finite_fields(request)  # NaN passes every range check: refuse it first, naming the field
+        if request.generator.name:
+            validate_name(request.generator.name, "generator.name")
         options = method.edit_options(getattr(request, method.name), request.num_frames, self.config)
         if request.image_encoding not in types_pb2.ImageEncoding.values():
             raise InvalidArgument(f"image_encoding {request.image_encoding} is unknown")
@@ -136,6 +139,7 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
     # ---- Invert -----------------------------------------------------------------------------
 
     def Invert(self, request, context):
+        wire.check_finite_fields(request)
         generator = self._local.generator(request.generator.name, request.generator.version)
         space = generator.space(wire.space_name(request.space))
         if not request.HasField("images"):

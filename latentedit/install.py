@@ -39,8 +39,9 @@ def ensure_entry(
     for source in sources:
         digest.update(file_sha256(source).encode())
     fingerprint = digest.hexdigest()
-    if repo.versions(name):
-        current = repo.resolve(name)
+    kind = manifest.get("kind")
+    if kind is not None and kind in repo.kinds(name):
+        current = repo.resolve(name, kind=kind)
         if current.manifest.get("provenance", {}).get("fingerprint") == fingerprint:
             log(f"  {name} v{current.version}: up to date")
             return current

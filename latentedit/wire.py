@@ -12,10 +12,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from PIL import Image, UnidentifiedImageError
 
 from latentedit.api.v1 import trainer_pb2, types_pb2
 from latentedit.errors import InvalidArgument, ResourceExhausted
+from latentedit.limits import LIMITS
 
 if TYPE_CHECKING:
     from latentedit.models.generator import GeneratorSpec
@@ -82,10 +85,52 @@ def from_tensor(
             want_text = "[" + ", ".join("N" if w is None else str(w) for w in shape) + "]"
             raise InvalidArgument(f"{field}: shape {dims} does not match the expected {want_text}")
     array = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="), copy=True)
-    if not allow_nonfinite and array.dtype.kind == "f" and array.size and not np.isfinite(array).all():
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise InvalidArgument(f"{field}: {bad} value(s) are NaN or infinite; all values must be finite")
+    if not allow_nonfinite and array.dtype.kind == "f" and array.size:
+        # Everything downstream computes in float32: a float64 of 1e300 is finite, its float32
+        # is not. So the check is on the values as float32 (for FP32 and FP16, the values).
+        with np.errstate(over="ignore"):
+            as_float32 = array if array.itemsize <= 4 else array.astype(np.float32)
+        finite = np.isfinite(as_float32)
+        if not finite.all():
+            bad = int(np.size(array) - np.count_nonzero(finite))
+            raise InvalidArgument(f"{field}: {bad} value(s) are NaN or infinite (as float32); all values must be "
+                                  f"finite and within +-{float(np.finfo(np.float32).max):.3g}")
     return array
+
+
+def _is_repeated(descriptor: FieldDescriptor) -> bool:
+    flag = getattr(descriptor, "is_repeated", None)  # protobuf >= 5.28; `label` before (removed later)
+    return bool(flag) if flag is not None else descriptor.label == FieldDescriptor.LABEL_REPEATED
+
+
+def check_finite_fields(message: Message, prefix: str = "") -> None:
+    """INVALID_ARGUMENT naming the first float or double field of `message` (at any depth, in
+    repeated fields and maps too) that holds NaN or an infinity. Run on a request before any of
+    its options are used, so that no NaN can slip past a range check (NaN compares false)."""
+    for descriptor, value in message.ListFields():
+        path = f"{prefix}{descriptor.name}"
+        repeated = _is_repeated(descriptor)
+        if descriptor.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+            for index, number in enumerate(value if repeated else [value]):
+                if not math.isfinite(number):
+                    where = f"{path}[{index}]" if repeated else path
+                    raise InvalidArgument(f"{where} must be a finite number; got {number}")
+        elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+            if descriptor.message_type.GetOptions().map_entry:
+                items = value.items()
+                value_field = descriptor.message_type.fields_by_name["value"]
+                if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                    for key, item in items:
+                        check_finite_fields(item, f"{path}[{key!r}].")
+                elif value_field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+                    for key, number in items:
+                        if not math.isfinite(number):
+                            raise InvalidArgument(f"{path}[{key!r}] must be a finite number; got {number}")
+            elif repeated:
+                for index, item in enumerate(value):
+                    check_finite_fields(item, f"{path}[{index}].")
+            else:
+                check_finite_fields(value, f"{path}.")
 
 
 def _allowed_names(codes) -> str:
@@ -117,9 +162,9 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# Decoded-size limits for PNG batches (the message limit bounds only the compressed bytes).
-MAX_IMAGE_PIXELS = 4096 * 4096
-MAX_DECODED_PIXELS = 64 * 1024 * 1024
+# Decoded-size limits for image batches (the message limit bounds only the compressed bytes).
+MAX_IMAGE_PIXELS = LIMITS.image_pixels
+MAX_DECODED_PIXELS = LIMITS.batch_pixels
 
 
 def decode_images(batch: types_pb2.ImageBatch, *, field: str = "images", channels: int = 3) -> np.ndarray:
@@ -141,6 +186,11 @@ def decode_images(batch: types_pb2.ImageBatch, *, field: str = "images", channel
             raise InvalidArgument(f"{field}.raw: {images.shape[-1]} channels, expected {channels} (RGB, NHWC)")
         if images.shape[0] == 0:
             raise InvalidArgument(f"{field}: the batch is empty")
+        if min(images.shape[1:3]) < 1:
+            raise InvalidArgument(f"{field}.raw: size {images.shape[2]}x{images.shape[1]} has no pixels")
+        if images.shape[1] * images.shape[2] > MAX_IMAGE_PIXELS:
+            raise ResourceExhausted(f"{field}.raw: {images.shape[2]}x{images.shape[1]} is larger than the limit of "
+                                    f"{MAX_IMAGE_PIXELS} pixels per image")
         return images
     raise InvalidArgument(f"{field}.encoding {batch.encoding} is unknown; allowed: IMAGE_ENCODING_RAW_UINT8, IMAGE_ENCODING_PNG")
 
@@ -226,7 +276,16 @@ def latents_from_proto(message: types_pb2.Latents, spec, field: str = "latents")
         raise InvalidArgument(f"{field}.space: {exc.message}") from exc
     values = from_tensor(message.values, field=f"{field}.values ({space.space} latents)", dtypes=FLOAT_DTYPES,
                          shape=[None, *space.shape])
+    check_latent_range(values, f"{field}.values")
     return Latents(space, values)
+
+
+def check_latent_range(values: np.ndarray, field: str) -> None:
+    """INVALID_ARGUMENT if a latent value is beyond +-LIMITS.latent_abs (finite float32 values
+    far beyond the prior's range overflow inside the networks: squares, norms, activations)."""
+    if values.size and float(np.abs(values).max()) > LIMITS.latent_abs:
+        raise InvalidArgument(f"{field}: values up to {float(np.abs(values).max()):.3g}; latents must lie within "
+                              f"+-{LIMITS.latent_abs:g} (limit latent_abs, latentedit/limits.py)")
 
 
 def spec_from_model_info(info) -> GeneratorSpec:

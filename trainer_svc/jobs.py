@@ -48,7 +48,12 @@ def validate(request: trainer_pb2.StartJobRequest, world: World, deps: Dependenc
         raise InvalidArgument("spec: set one job spec (boundary, custom_boundary, correlation, flow, directions, mapping, pca)")
     method = registry.for_job(kind)
     message = getattr(request, kind)
-    return JobParams(method, method.job_spec(kind, message, world, deps.repo), MessageToDict(message), deps), run
+    wire.check_finite_fields(message, f"{kind}.")  # NaN passes every range check: refuse it first
+    spec = method.job_spec(kind, message, world, deps.repo)
+    # The artifact's name must not hold another kind (a boundary named like the generator would
+    # shadow it): refused now, not when the job ends.
+    deps.repo.check_writable(spec.basics.name, method.job_artifact_kind(kind))
+    return JobParams(method, spec, MessageToDict(message), deps), run
 
 
 def run(ctx: JobContext, p: JobParams) -> trainer_pb2.ArtifactRef:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentedit.api.v1 import trainer_pb2
-from latentedit.errors import Cancelled, LatentEditError
+from latentedit.errors import Cancelled, LatentEditError, cap_message
 from trainer_svc.store import JobStore, now
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class JobRunner:
             self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_FAILED, "failed", exc.message)
         except Exception as exc:  # noqa: BLE001 - a job's bug fails the job, never the service
             log.exception("job %s failed", job_id)
-            self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_FAILED, "failed", f"{type(exc).__name__}: {exc}")
+            self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_FAILED, "failed", cap_message(f"{type(exc).__name__}: {exc}"))
         else:
             job = self.store.get(job_id)
             job.artifact.CopyFrom(artifact)

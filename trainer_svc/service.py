@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc
-from latentedit.errors import InvalidArgument
+from latentedit.errors import InvalidArgument, shown
+from latentedit.limits import LIMITS, check_text
 from latentedit.rpc.remote_world import CallScope, RemoteWorld
 from trainer_svc import jobs
 from trainer_svc.runner import JobRunner
@@ -19,8 +20,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.deps = deps
 
     def StartJob(self, request, context):
-        if len(request.idempotency_key) > 200:
-            raise InvalidArgument("idempotency_key: at most 200 characters")
+        check_text(request.idempotency_key, "idempotency_key", LIMITS.idempotency_key_chars)
+        check_text(request.display_name, "display_name")
         if request.idempotency_key:
             # A retry finds its job before validating (and calling other services) again.
             existing = self.store.find_by_key(request)
@@ -40,10 +41,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         size = request.page_size or 50
         if not 1 <= size <= MAX_PAGE:
             raise InvalidArgument(f"page_size {size} must be in 1..{MAX_PAGE}")
-        try:
-            offset = int(request.page_token or 0)
-        except ValueError as exc:
-            raise InvalidArgument(f"page_token {request.page_token!r} is not one this service issued") from exc
+        token = request.page_token
+        # Tokens are offsets this service wrote: plain ASCII digits, bounded (int() would also take
+        # '-5', ' 5', '1_0' and 10**100, which SQLite cannot hold).
+        if token and not (token.isascii() and token.isdigit() and len(token) <= LIMITS.page_token_digits):
+            raise InvalidArgument(f"page_token {shown(token)} is not one this service issued")
+        offset = int(token or 0)
         for state in request.states:
             if state not in trainer_pb2.JobState.values():
                 raise InvalidArgument(f"states: {state} is not a JobState")

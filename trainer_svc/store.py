@@ -17,7 +17,8 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from latentedit.api.v1 import trainer_pb2
-from latentedit.errors import InvalidArgument, NotFound
+from latentedit.errors import InvalidArgument, NotFound, shown
+from latentedit.repository import validate_name
 
 TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
 
@@ -49,7 +50,7 @@ class JobStore:
             return None
         existing = trainer_pb2.Job.FromString(row[0])
         if existing.request != request:
-            raise InvalidArgument(f"idempotency_key {request.idempotency_key!r} was used for job {existing.id} with a different spec")
+            raise InvalidArgument(f"idempotency_key {shown(request.idempotency_key)} was used for job {existing.id} with a different spec")
         return existing
 
     def create(self, request: trainer_pb2.StartJobRequest) -> tuple[trainer_pb2.Job, bool]:
@@ -77,6 +78,7 @@ class JobStore:
         return job, True
 
     def get(self, job_id: str) -> trainer_pb2.Job:
+        validate_name(job_id, "job id")  # the one name pattern: ids may become paths (logs, exports)
         row = self._db.execute("SELECT record FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             raise NotFound(f"no job with id {job_id!r}")

@@ -21,6 +21,7 @@ from latentedit.attributes import Attribute
 from latentedit.config import EditorConfig
 from latentedit.errors import InvalidArgument
 from latentedit.latents import Latents
+from latentedit.limits import LIMITS, check_range
 from latentedit.repository import Entry, ModelRepository, validate_name
 from latentedit.world import GeneratorInfo, Scores, World
 
@@ -28,8 +29,8 @@ from latentedit.world import GeneratorInfo, Scores, World
 COMPLETED, TARGET_REACHED, STEP_LIMIT, DIVERGED = "completed", "target_reached", "step_limit", "diverged"
 
 MIN_SAMPLES = 100
-MAX_SAMPLES = 10_000_000
-MAX_JOB_BATCH = 1024
+MAX_SAMPLES = LIMITS.job_samples
+MAX_JOB_BATCH = LIMITS.job_batch
 
 
 @dataclass
@@ -127,17 +128,20 @@ class JobBasics:
 def job_basics(world: World, generator_ref, options, default_name: Callable[[GeneratorInfo], str],
                default_batch: int = 256) -> JobBasics:
     """Resolve a job's generator and TrainingOptions (proto) into `JobBasics`, validated."""
+    check_finite(**{"options.learning_rate": options.learning_rate})
+    if options.artifact_name:
+        validate_name(options.artifact_name, "options.artifact_name")
+    if generator_ref.name:
+        validate_name(generator_ref.name, "generator.name")
     generator = world.generator(generator_ref.name, generator_ref.version)
     batch = options.batch_size or default_batch
-    if not 1 <= batch <= MAX_JOB_BATCH:
-        raise InvalidArgument(f"options.batch_size {batch} must be in 1..{MAX_JOB_BATCH}")
-    name = validate_name(options.artifact_name or default_name(generator).lower())
+    check_range(batch, "options.batch_size", 1, MAX_JOB_BATCH, "job_batch")
+    name = validate_name(options.artifact_name or default_name(generator).lower(), "artifact name (from the spec)")
     return JobBasics(generator, name, int(options.seed), batch)
 
 
-def check_count(value: int, field_name: str, low: int = MIN_SAMPLES, high: int = MAX_SAMPLES) -> int:
-    if not low <= value <= high:
-        raise InvalidArgument(f"{field_name} {value} must be in {low}..{high}")
+def check_count(value: int, field_name: str, low: int = MIN_SAMPLES, high: int = MAX_SAMPLES, limit: str = "job_samples") -> int:
+    check_range(value, field_name, low, high, limit)
     return value
 
 
@@ -191,6 +195,13 @@ def check_finite(**values: float) -> None:
             raise InvalidArgument(f"{name} must be a finite number; got {value}")
 
 
+def check_distances(**values: float) -> None:
+    """Edit distances / strides: finite and within +-LIMITS.edit_distance."""
+    check_finite(**values)
+    for name, value in values.items():
+        check_range(value, name, -LIMITS.edit_distance, LIMITS.edit_distance, "edit_distance")
+
+
 class Method(ABC):
     """One paper's method. Subclasses set the class attributes and implement the hooks."""
 
@@ -222,6 +233,10 @@ class Method(ABC):
 
     def train(self, world: World, spec: Any, progress: Progress) -> Trained:
         raise InvalidArgument(f"{self.name} has no training")
+
+    def job_artifact_kind(self, kind: str) -> str:
+        """The repository kind a job of `kind` writes (checked against the name at job start)."""
+        return self.artifact_kind
 
     # ---- listing --------------------------------------------------------------------------
 

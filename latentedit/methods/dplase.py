@@ -47,6 +47,7 @@ from latentedit.attributes import Attribute
 from latentedit.config import EditorConfig
 from latentedit.errors import FailedPrecondition, InvalidArgument
 from latentedit.latents import Latents
+from latentedit.limits import LIMITS, check_range
 from latentedit.methods.base import (
     COMPLETED,
     Editable,
@@ -57,6 +58,7 @@ from latentedit.methods.base import (
     Progress,
     Trained,
     batch_seed,
+    check_distances,
     check_finite,
     check_frames,
     job_basics,
@@ -565,7 +567,7 @@ class DPLaSE(Method):
     # ---- editing ------------------------------------------------------------------------
 
     def edit_options(self, message, num_frames: int, limits: EditorConfig) -> DPLaSEOptions:
-        check_finite(start_stride=message.start_stride, end_stride=message.end_stride)
+        check_distances(start_stride=message.start_stride, end_stride=message.end_stride)
         if message.direction_index < 0:
             raise InvalidArgument(f"direction_index {message.direction_index} must be >= 0")
         if message.HasField("rows"):
@@ -647,14 +649,12 @@ class DPLaSE(Method):
         space = basics.generator.space(space_name(message.space))
         defaults = DiscoveryOptions()
         directions = message.num_directions or defaults.num_directions
-        if not 1 <= directions <= min(space.size, 512):
-            raise InvalidArgument(f"num_directions {directions} must be in 1..{min(space.size, 512)}")
+        check_range(directions, "num_directions", 1, min(space.size, LIMITS.directions), "directions")
         for field_name in ("similarity_weight", "orthogonality_weight", "density_weight", "max_stride", "sparsity_weight"):
             if getattr(message, field_name) < 0:
                 raise InvalidArgument(f"{field_name} {getattr(message, field_name)} must be >= 0 (0: the default)")
         steps = message.options.steps or defaults.steps
-        if not 1 <= steps <= 1_000_000:
-            raise InvalidArgument(f"options.steps {steps} must be in 1..1000000")
+        check_range(steps, "options.steps", 1, LIMITS.training_steps, "training_steps")
         check_finite(learning_rate=message.options.learning_rate)
         if message.options.learning_rate < 0:
             raise InvalidArgument(f"options.learning_rate {message.options.learning_rate} must be >= 0 (0: the default)")
@@ -663,8 +663,7 @@ class DPLaSE(Method):
         if not 0 <= subspaces <= channels:
             raise InvalidArgument(f"num_channel_subspaces {subspaces} must be in 0..{channels} (0: no refinement)")
         samples = message.num_samples or DirectionSpec.naming_samples
-        if not 2 <= samples <= 1024:
-            raise InvalidArgument(f"num_samples {samples} must be in 2..1024 (starts per direction used to name it)")
+        check_range(samples, "num_samples (starts per direction used to name it)", 2, LIMITS.naming_samples, "naming_samples")
         discovery = DiscoveryOptions(
             num_directions=directions, max_stride=message.max_stride or defaults.max_stride,
             similarity_weight=message.similarity_weight or defaults.similarity_weight,

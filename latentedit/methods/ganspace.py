@@ -11,6 +11,7 @@ DP-LaSE evaluation compares with; not served.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from latentedit.artifacts import PCA_KIND, load_tensors, resolve_trained, tensor
 from latentedit.config import EditorConfig
 from latentedit.errors import FailedPrecondition, InvalidArgument
 from latentedit.latents import Latents, RowRange
+from latentedit.limits import LIMITS, check_range
 from latentedit.methods.base import (
     Editable,
     Frame,
@@ -32,7 +34,7 @@ from latentedit.methods.base import (
     batch_seed,
     batches,
     check_count,
-    check_finite,
+    check_distances,
     check_frames,
     job_basics,
     path_frames,
@@ -119,7 +121,7 @@ class GANSpace(Method):
     jobs = ("pca",)
 
     def edit_options(self, message, num_frames: int, limits: EditorConfig) -> GANSpaceOptions:
-        check_finite(start_distance=message.start_distance, end_distance=message.end_distance)
+        check_distances(start_distance=message.start_distance, end_distance=message.end_distance)
         if message.component < 0:
             raise InvalidArgument(f"component {message.component} must be >= 0")
         rows = RowRange(message.rows.start, message.rows.end) if message.HasField("rows") else None
@@ -157,8 +159,10 @@ class GANSpace(Method):
             raise InvalidArgument(f"layer {layer!r}: PCA needs an intermediate layer; layers: {', '.join(layers)}")
         num = check_count(message.num_samples or 2000, "num_samples")
         components = message.num_components or 10
-        if not 1 <= components <= min(num, 512):
-            raise InvalidArgument(f"num_components {components} must be in 1..{min(num, 512)}")
+        check_range(components, "num_components", 1, min(num, LIMITS.directions), "directions")
+        feature_size = math.prod(basics.generator.spec.layers[basics.generator.spec.layer_index(layer)].shape)
+        check_range(num, f"num_samples (x {feature_size} feature values at layer {layer})", 1,
+                    LIMITS.pca_feature_values // max(feature_size, 1), "pca_feature_values")
         return PCASpec(basics, layer, basics.generator.space(space_name(message.space)).space, num, components)
 
     def train(self, world: World, spec: PCASpec, progress: Progress) -> Trained:

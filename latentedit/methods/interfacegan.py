@@ -23,6 +23,7 @@ from latentedit.attributes import Attribute
 from latentedit.config import EditorConfig
 from latentedit.errors import FailedPrecondition, InvalidArgument
 from latentedit.latents import Latents, RowRange, move
+from latentedit.limits import LIMITS, check_items, check_text
 from latentedit.methods.base import (
     Editable,
     FrameRequest,
@@ -33,12 +34,13 @@ from latentedit.methods.base import (
     batch_seed,
     batches,
     check_count,
+    check_distances,
     check_finite,
     check_frames,
     job_basics,
     path_frames,
 )
-from latentedit.repository import Entry, ModelRepository
+from latentedit.repository import Entry, ModelRepository, validate_name
 from latentedit.world import GeneratorInfo, World
 
 MIN_PER_CLASS = 10
@@ -327,7 +329,11 @@ class InterFaceGAN(Method):
     # ---- editing ----------------------------------------------------------------------------
 
     def edit_options(self, message, num_frames: int, limits: EditorConfig) -> InterFaceGANOptions:
-        check_finite(start_distance=message.start_distance, end_distance=message.end_distance)
+        check_distances(start_distance=message.start_distance, end_distance=message.end_distance)
+        check_items(len(message.condition_boundaries), "condition_boundaries", LIMITS.list_items, "list_items")
+        validate_name(message.boundary, "boundary")
+        for index, name in enumerate(message.condition_boundaries):
+            validate_name(name, f"condition_boundaries[{index}]")
         if message.boundary in message.condition_boundaries:
             raise InvalidArgument("condition_boundaries: the edited boundary cannot also be a condition")
         rows = RowRange(message.rows.start, message.rows.end) if message.HasField("rows") else None
@@ -395,8 +401,10 @@ class InterFaceGAN(Method):
             from latentedit.wire import from_tensor, latents_from_proto
 
             self._check_fit_options(message.validation_fraction, message.svm_c)
+            check_text(message.attribute_name, "attribute_name")
             basics = job_basics(world, message.generator, message.options, lambda g: f"{g.name}-{message.attribute_name or 'custom'}")
             latents = latents_from_proto(message.latents, basics.generator.spec, "latents")
+            check_count(len(latents), "latents: the number of latents", 2 * MIN_PER_CLASS, LIMITS.custom_latents, "custom_latents")
             labels = from_tensor(message.labels, field="labels")
             if labels.ndim != 1 or len(labels) != len(latents):
                 raise InvalidArgument(f"labels: {labels.size} labels for {len(latents)} latents; give one label (0 or 1) per latent")
@@ -410,6 +418,9 @@ class InterFaceGAN(Method):
         if kind == "correlation":
             if len(message.boundaries) < 2:
                 raise InvalidArgument("boundaries: name at least two boundaries to correlate")
+            check_items(len(message.boundaries), "boundaries", LIMITS.list_items, "list_items")
+            for index, name in enumerate(message.boundaries):
+                validate_name(name, f"boundaries[{index}]")
             basics = job_basics(world, message.generator, message.options, lambda g: f"{g.name}-correlation")
             loaded, spaces = [], set()
             for name in message.boundaries:
@@ -432,6 +443,9 @@ class InterFaceGAN(Method):
             raise InvalidArgument(f"validation_fraction {validation_fraction:g} must be in [0, 1)")
         if svm_c < 0:
             raise InvalidArgument(f"svm_c {svm_c:g} must be positive")
+
+    def job_artifact_kind(self, kind: str) -> str:
+        return CORRELATION_KIND if kind == "correlation" else BOUNDARY_KIND
 
     def train(self, world: World, spec, progress: Progress) -> Trained:
         if isinstance(spec, BoundarySpec):

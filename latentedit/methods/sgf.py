@@ -30,6 +30,7 @@ from latentedit.conditions import ConditionSpec
 from latentedit.config import EditorConfig
 from latentedit.errors import FailedPrecondition, InvalidArgument, NotFound
 from latentedit.latents import Latents
+from latentedit.limits import LIMITS, check_items, check_range, check_text
 from latentedit.methods.base import (
     DIVERGED,
     STEP_LIMIT,
@@ -246,6 +247,9 @@ def sgf_edit(
     their start values by the target itself. Samples that reached the target stop moving.
     `initial_condition` saves one measurement when the caller already has C(G(z0)).
     """
+    if not (np.isfinite(tolerance) and tolerance > 0 and np.isfinite(step_size) and step_size > 0):
+        # NaN compares false: a NaN tolerance would stop every sample at once as "target_reached".
+        raise InvalidArgument(f"tolerance ({tolerance}) and step_size ({step_size}) must be finite and > 0")
     mapping.eval()
     with torch.no_grad():
         z = z0.clone()
@@ -346,6 +350,7 @@ class SGF(Method):
         if kind == "attributes":
             if not message.attributes.values:
                 raise InvalidArgument("sgf.attributes.values is empty; name at least one attribute and its target value")
+            check_items(len(message.attributes.values), "sgf.attributes.values", LIMITS.list_items, "list_items")
             for value in message.attributes.values:
                 check_finite(**{"sgf.attributes.values": value.value})
             target: tuple[AttributeGoal, ...] | KeypointGoal | CaptionGoal = tuple(AttributeGoal(v.attribute.head, v.attribute.output, v.attribute.label, v.attribute.index, float(v.value))
@@ -353,6 +358,7 @@ class SGF(Method):
         elif kind == "keypoints":
             target = KeypointGoal(wire.from_tensor(message.keypoints.points, field="sgf.keypoints.points", dtypes=wire.FLOAT_DTYPES))
         else:
+            check_text(message.caption.text, "sgf.caption.text")
             if not message.caption.text.strip():
                 raise InvalidArgument("sgf.caption.text is empty; give a sentence such as 'a smiling young woman'")
             target = CaptionGoal(message.caption.text)
@@ -452,6 +458,7 @@ class SGF(Method):
         if message.condition == trainer_pb2.CONDITION_KIND_ATTRIBUTES:
             if not message.attributes:
                 raise InvalidArgument("attributes: an ATTRIBUTES mapping needs at least one attribute")
+            check_items(len(message.attributes), "attributes", LIMITS.list_items, "list_items")
             condition = ConditionSpec("attributes", [attributes.resolve(a, heads, f"attributes[{i}]") for i, a in enumerate(message.attributes)])
         elif message.condition == trainer_pb2.CONDITION_KIND_KEYPOINTS:
             head = schemas.get(message.keypoints_head)
@@ -466,15 +473,16 @@ class SGF(Method):
         else:
             raise InvalidArgument("condition: choose CONDITION_KIND_ATTRIBUTES, _KEYPOINTS or _CAPTION")
         defaults = MappingSpec(basics, condition)
-        num = check_count(message.num_pairs or defaults.num_pairs, "num_pairs")
+        num = check_count(message.num_pairs or defaults.num_pairs, "num_pairs", high=LIMITS.mapping_pairs, limit="mapping_pairs")
         depth, hidden = message.depth or defaults.depth, message.hidden_dim or defaults.hidden
-        if not 2 <= depth <= 32 or not 8 <= hidden <= 4096:
-            raise InvalidArgument(f"depth {depth} must be in 2..32 and hidden_dim {hidden} in 8..4096")
+        check_range(depth, "depth", 2, LIMITS.mapping_depth, "mapping_depth")
+        check_range(hidden, "hidden_dim", 8, LIMITS.mapping_width, "mapping_width")
         steps = message.options.steps or defaults.steps
         rate = message.options.learning_rate or defaults.learning_rate
         check_finite(**{"options.learning_rate": rate})
-        if not 1 <= steps <= 1_000_000 or not 0 < rate <= 1:
-            raise InvalidArgument(f"options.steps {steps} must be in 1..1000000 and learning_rate {rate:g} in (0, 1]")
+        check_range(steps, "options.steps", 1, LIMITS.training_steps, "training_steps")
+        if not 0 < rate <= 1:
+            raise InvalidArgument(f"options.learning_rate {rate:g} must be in (0, 1]")
         space = basics.generator.space(space_name(message.space)).space
         return MappingSpec(basics, condition, space, num, depth, hidden, steps, rate)
 
