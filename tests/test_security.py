@@ -193,10 +193,10 @@ def test_health_and_reflection_answer_without_a_token(secure_suite):
         assert service.full_name in ProtoReflectionDescriptorDatabase(channel).get_services()
 
 
-def test_an_edit_runs_end_to_end_over_mutual_tls_with_the_services_own_token(secure_suite):
-    """A boundary trained through the trainer, then an edit streamed by the editor, which calls the
-    generator and the scorer itself. The caller's token has the `edit` scope only, which the
-    generator refuses: the edit works because the editor sends its own token, not the caller's."""
+@pytest.fixture(scope="module")
+def tls_boundary(secure_suite) -> str:
+    """A boundary trained through the trainer over mutual TLS (the trainer checks the spec
+    against the generator with its own token)."""
     _, ports, (paths, tokens, _) = secure_suite
     trainer = trainer_pb2_grpc.TrainerServiceStub(_channel(ports["trainer"], paths, tokens["train"]))
     z = np.random.default_rng(3).standard_normal((200, 100)).astype(np.float32)
@@ -206,7 +206,14 @@ def test_an_edit_runs_end_to_end_over_mutual_tls_with_the_services_own_token(sec
         options=trainer_pb2.TrainingOptions(artifact_name="tls-boundary"))), timeout=120)
     final = list(trainer.WatchJob(trainer_pb2.WatchJobRequest(id=job.id), timeout=300))[-1].job
     assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.error
+    return final.artifact.ref.name
 
+
+def test_an_edit_runs_end_to_end_over_mutual_tls_with_the_services_own_token(secure_suite, tls_boundary):
+    """An edit streamed by the editor, which calls the generator and the scorer itself. The
+    caller's token has the `edit` scope only, which the generator refuses: the edit works because
+    the editor sends its own token, not the caller's."""
+    _, ports, (paths, tokens, _) = secure_suite
     edit_only = tokens["edit"]
     with pytest.raises(grpc.RpcError) as refused:
         generator_pb2_grpc.GeneratorServiceStub(_channel(ports["generator"], paths, edit_only)).ListModels(
@@ -214,7 +221,7 @@ def test_an_edit_runs_end_to_end_over_mutual_tls_with_the_services_own_token(sec
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     editor = editor_pb2_grpc.EditorServiceStub(_channel(ports["editor"], paths, edit_only))
     request = editor_pb2.EditRequest(seed=editor_pb2.SeedStart(seed=5, count=2), num_frames=3, score_heads=["pose"],
-                                     interfacegan=editor_pb2.InterFaceGANEdit(boundary="tls-boundary", start_distance=-2,
+                                     interfacegan=editor_pb2.InterFaceGANEdit(boundary=tls_boundary, start_distance=-2,
                                                                               end_distance=2))
     frames = list(editor.Edit(request, timeout=300))
     assert [f.index for f in frames] == [0, 1, 2]
@@ -354,3 +361,32 @@ def test_token_definitions_are_checked_without_echoing_tokens():
     parsed = parse_tokens(f"# comment\nci generate,score {secret}; ops admin {secret}x # trailing", "env")
     assert [(t.name, sorted(t.scopes)) for t in parsed] == [("ci", ["generate", "score"]), ("ops", ["admin"])]
     assert parsed[1].grants("train") and not parsed[0].grants("edit")
+
+
+def test_a_service_whose_own_token_is_refused_downstream_says_so(secure_suite, tls_boundary, tmp_path, monkeypatch):
+    """An editor (in this process) whose service token lacks `generate`: the caller, whose own
+    token is fine, gets FAILED_PRECONDITION naming the generator and the setting, not UNAUTHENTICATED."""
+    from latentedit.config import load_config
+    from latentedit.rpc.launch import build_service
+
+    config_path, ports, (paths, tokens, directory) = secure_suite
+    raw = yaml.safe_load(config_path.read_text())
+    raw["services"] = {"editor": {"port": 0}}
+    raw["addresses"] = {"generator": f"localhost:{ports['generator']}", "scorer": f"localhost:{ports['scorer']}"}
+    path = tmp_path / "editor.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for name in SECURITY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LATENTEDIT_SERVICE_TOKEN", tokens["all-but-generate"])
+    host = build_service("editor", load_config(path))
+    try:
+        editor = editor_pb2_grpc.EditorServiceStub(_channel(host.port, paths, tokens["edit"]))
+        request = editor_pb2.EditRequest(seed=editor_pb2.SeedStart(seed=5, count=1), num_frames=2,
+                                         interfacegan=editor_pb2.InterFaceGANEdit(boundary=tls_boundary, end_distance=1))
+        with pytest.raises(grpc.RpcError) as info:
+            list(editor.Edit(request, timeout=60))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value
+        assert "the generator service at" in info.value.details() and "security.service_token_file" in info.value.details()
+        assert tokens["all-but-generate"] not in info.value.details()
+    finally:
+        host.stop(0)

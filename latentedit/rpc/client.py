@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentedit import observability, wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc, types_pb2
-from latentedit.errors import RemoteError, Unavailable
+from latentedit.errors import FailedPrecondition, RemoteError, Unavailable
 from latentedit.rpc.security import ClientSecurity
 from latentedit.rpc.serving import channel_options
 
@@ -113,6 +113,10 @@ def dependency(name: str, address: str) -> Iterator[None]:
             # Our own cancellations never reach here as RpcError: this one came from the server,
             # which dropped the call (for example while shutting down).
             raise Unavailable(f"the {name} service at {address} dropped the call (shutting down?): {exc.details()}") from exc
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            # This service's own credentials were refused: its set-up, not the caller's token.
+            raise FailedPrecondition(f"the {name} service at {address} refused this service's credentials "
+                                     f"({code.name}: {exc.details()}); check security.service_token_file") from exc
         raise RemoteError(code, f"the {name} service at {address} answered {code.name}: {exc.details()}") from exc
 
 
