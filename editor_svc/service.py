@@ -100,6 +100,14 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
         return RemoteWorld(self.services, CallScope.for_rpc(context, self.config.call_timeout_s, what))
 
     def ListEdits(self, request, context):
+        wire.check_finite_fields(request)
+        ref = request.generator
+        if ref.version < 0:
+            raise InvalidArgument(f"generator.version {ref.version} is negative; use 0 for the newest or a version number")
+        if ref.name:
+            self.repo.resolve(ref.name, ref.version, kind="generator")  # INVALID_ARGUMENT or NOT_FOUND for a bad name
+        elif ref.version:
+            raise InvalidArgument("generator.version: give generator.name too (an empty name lists every generator's edits)")
         edits = [editable_to_proto(e) for m in registry.METHODS.values() for e in m.editables(self.repo, request.generator.name)]
         return editor_pb2.ListEditsResponse(edits=edits)
 
@@ -108,6 +116,8 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
         wire.check_finite_fields(request)  # NaN passes every range check: refuse it first, naming the field
         if request.generator.name:
             validate_name(request.generator.name, "generator.name")
+        if request.generator.version < 0:
+            raise InvalidArgument(f"generator.version {request.generator.version} is negative; use 0 for the newest or a version number")
         options = method.edit_options(getattr(request, method.name), request.num_frames, self.config)
         if request.image_encoding not in types_pb2.ImageEncoding.values():
             raise InvalidArgument(f"image_encoding {request.image_encoding} is unknown")
@@ -131,7 +141,8 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
             return world.sample(generator, count, request.seed.seed, space)
         latents = wire.latents_from_proto(request.latents, generator.spec)
         if not 1 <= len(latents) <= self.config.max_batch:
-            raise InvalidArgument(f"latents.values: {len(latents)} latents; send 1..{self.config.max_batch}")
+            raise (InvalidArgument if len(latents) < 1 else ResourceExhausted)(
+                f"latents.values: {len(latents)} latents; send 1..{self.config.max_batch}")
         if latents.space.space != space and not (space == "w" and latents.space.space == "w+"):
             raise InvalidArgument(f"latents.space: this edit works on {space} latents; these are {latents.space.space}")
         return latents

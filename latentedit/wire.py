@@ -214,7 +214,10 @@ def _decode_png(data: bytes, field: str, channels: int, budget: list[int]) -> np
             if bands not in (1, 3, 4) or (channels == 3 and bands == 1):
                 raise InvalidArgument(f"{field}: image has {bands} channel(s) ({img.mode}), expected {channels}")
             return np.asarray(img.convert("RGB" if channels == 3 else "L")).reshape(img.height, img.width, channels)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own guard, at open, for headers over ~179 M pixels
+        raise ResourceExhausted(f"{field}: the PNG header declares more than the limit of {MAX_IMAGE_PIXELS} pixels "
+                                f"per image ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidArgument(f"{field}: corrupt or unreadable PNG ({exc})") from exc
 
 

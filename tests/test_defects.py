@@ -461,6 +461,75 @@ def test_the_limits_table_documents_every_limit():
     assert all(doc for _, _, doc in rows), [name for name, _, doc in rows if not doc]
 
 
+# ---- 5b. findings of the bad-input corpus that fall in the same classes ----------------------
+
+
+def test_corpus_findings_answer_the_precise_code(suite, boundaries):
+    _, stubs = suite
+    trainer, editor = stubs["trainer"], stubs["editor"]
+    seed = editor_pb2.SeedStart(count=1)
+    # TrainingOptions fields a job kind does not use are still checked; negative generator versions.
+    for options in (trainer_pb2.TrainingOptions(steps=-1), trainer_pb2.TrainingOptions(steps=2**31 - 1),
+                    trainer_pb2.TrainingOptions(learning_rate=-0.5), trainer_pb2.TrainingOptions(learning_rate=2.0)):
+        _expect(trainer.StartJob, trainer_pb2.StartJobRequest(boundary=trainer_pb2.BoundaryJobSpec(attribute=YAW, options=options)),
+                INVALID, "options.")
+    _expect(trainer.StartJob, trainer_pb2.StartJobRequest(boundary=trainer_pb2.BoundaryJobSpec(
+        attribute=YAW, generator=types_pb2.ModelRef(version=-1))), INVALID, "generator.version -1")
+    _expect(editor.Edit, editor_pb2.EditRequest(seed=seed, generator=types_pb2.ModelRef(version=-1),
+                                                interfacegan=editor_pb2.InterFaceGANEdit(boundary="cb-one")), INVALID, "generator.version")
+    # ListEdits checks the generator it filters by.
+    _expect(editor.ListEdits, editor_pb2.ListEditsRequest(generator=types_pb2.ModelRef(name="no-such-generator")),
+            grpc.StatusCode.NOT_FOUND, "no-such-generator")
+    _expect(editor.ListEdits, editor_pb2.ListEditsRequest(generator=types_pb2.ModelRef(name="x" * MiB)), INVALID, "not valid")
+    _expect(editor.ListEdits, editor_pb2.ListEditsRequest(generator=types_pb2.ModelRef(name="dcgan-faces", version=-1)),
+            INVALID, "negative")
+    _expect(editor.ListEdits, editor_pb2.ListEditsRequest(generator=types_pb2.ModelRef(name="dcgan-faces", version=2**62)),
+            grpc.StatusCode.NOT_FOUND, "no version")
+    listed = editor.ListEdits(editor_pb2.ListEditsRequest(generator=types_pb2.ModelRef(name="dcgan-faces")), timeout=60)
+    assert "cb-one" in {e.artifact.ref.name for e in listed.edits}
+    # SGF: a negative Neumann order or attribute index is not silently the default.
+    _expect(editor.Edit, editor_pb2.EditRequest(seed=seed, sgf=editor_pb2.SGFEdit(
+        mapping="none", neumann_order=-1, caption=editor_pb2.CaptionTarget(text="a face"))), INVALID, "sgf.neumann_order")
+    target = editor_pb2.AttributeTarget(values=[editor_pb2.AttributeValue(attribute=types_pb2.AttributeRef(
+        head="pose", output="yaw", index=-1), value=10.0)])
+    _expect(editor.Edit, editor_pb2.EditRequest(seed=seed, sgf=editor_pb2.SGFEdit(mapping="none", attributes=target)),
+            INVALID, "attribute.index -1")
+    # Too many start latents is over a limit, like too many seeds.
+    _expect(editor.Edit, editor_pb2.EditRequest(latents=_latents(np.zeros((257, 100), np.float32)),
+                                                interfacegan=editor_pb2.InterFaceGANEdit(boundary="cb-one")),
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "257 latents")
+    # A PNG header beyond PIL's own guard is RESOURCE_EXHAUSTED like any other oversized image.
+    import struct
+    import zlib
+
+    def png_header(width, height):
+        """A valid 1x1 PNG whose IHDR (CRC fixed) declares width x height."""
+        data = bytearray(_png(1, 1))
+        data[16:24] = struct.pack(">II", width, height)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+        return bytes(data)
+
+    for width, height in ((100_000, 100_000), (2**31 - 1, 1)):
+        bomb = types_pb2.ImageBatch(encoding=types_pb2.IMAGE_ENCODING_PNG, png=[png_header(width, height)])
+        _expect(stubs["scorer"].Score, scorer_pb2.ScoreRequest(images=bomb), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit")
+        _expect(editor.Invert, editor_pb2.InvertRequest(images=bomb, steps=1), grpc.StatusCode.RESOURCE_EXHAUSTED, "limit")
+    _serving(stubs)
+
+
+def test_sgf_attribute_targets_match_scalar_attributes_only_at_index_0():
+    from latentedit.attributes import Attribute
+    from latentedit.conditions import ConditionSpec
+    from latentedit.errors import NotFound
+    from latentedit.methods.sgf import SGF, AttributeGoal
+
+    condition = ConditionSpec("attributes", [Attribute("pose", "yaw", None)])
+    current = np.zeros((2, 1), np.float32)
+    target, mask = SGF.target((AttributeGoal("pose", "yaw", "", 0, 20.0),), condition, current, None)
+    assert target[:, 0].tolist() == [20.0, 20.0] and mask.tolist() == [1.0]
+    with pytest.raises(NotFound, match="pose.yaw"):
+        SGF.target((AttributeGoal("pose", "yaw", "", 2**31 - 1, 20.0),), condition, current, None)
+
+
 # ---- 6. already fixed before this work: they hold --------------------------------------------
 
 

@@ -133,6 +133,11 @@ def job_basics(world: World, generator_ref, options, default_name: Callable[[Gen
         validate_name(options.artifact_name, "options.artifact_name")
     if generator_ref.name:
         validate_name(generator_ref.name, "generator.name")
+    if generator_ref.version < 0:
+        raise InvalidArgument(f"generator.version {generator_ref.version} is negative; use 0 for the newest or a version number")
+    # Every TrainingOptions field is checked, including those a job kind does not use (0: the default).
+    check_range(options.steps, "options.steps", 0, LIMITS.training_steps, "training_steps")
+    check_range(options.learning_rate, "options.learning_rate", 0, 1)
     generator = world.generator(generator_ref.name, generator_ref.version)
     batch = options.batch_size or default_batch
     check_range(batch, "options.batch_size", 1, MAX_JOB_BATCH, "job_batch")

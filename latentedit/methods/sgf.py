@@ -351,8 +351,10 @@ class SGF(Method):
             if not message.attributes.values:
                 raise InvalidArgument("sgf.attributes.values is empty; name at least one attribute and its target value")
             check_items(len(message.attributes.values), "sgf.attributes.values", LIMITS.list_items, "list_items")
-            for value in message.attributes.values:
-                check_finite(**{"sgf.attributes.values": value.value})
+            for index, value in enumerate(message.attributes.values):
+                check_finite(**{f"sgf.attributes.values[{index}].value": value.value})
+                if value.attribute.index < 0:
+                    raise InvalidArgument(f"sgf.attributes.values[{index}].attribute.index {value.attribute.index} is negative")
             target: tuple[AttributeGoal, ...] | KeypointGoal | CaptionGoal = tuple(AttributeGoal(v.attribute.head, v.attribute.output, v.attribute.label, v.attribute.index, float(v.value))
                            for v in message.attributes.values)
         elif kind == "keypoints":
@@ -363,6 +365,8 @@ class SGF(Method):
                 raise InvalidArgument("sgf.caption.text is empty; give a sentence such as 'a smiling young woman'")
             target = CaptionGoal(message.caption.text)
         check_finite(**{"sgf.step_size": message.step_size, "sgf.tolerance": message.tolerance})
+        if message.neumann_order < 0:
+            raise InvalidArgument(f"sgf.neumann_order {message.neumann_order} is negative; use 0..10 (0: the default, 1)")
         defaults = SGFOptions("", ())
         options = SGFOptions(message.mapping, target, message.step_size or defaults.step_size,
                              message.neumann_order if message.neumann_order > 0 else defaults.neumann_order,
@@ -422,8 +426,9 @@ class SGF(Method):
         if isinstance(goal, tuple):
             names = [a.name for a in condition.attributes]
             for value in goal:
+                # A scalar attribute has no index: only index 0 (unset) names it.
                 matches = [i for i, a in enumerate(condition.attributes) if a.head == value.head and a.output == value.output
-                           and (a.label == value.label if value.label else a.index in (None, value.index))]
+                           and (a.label == value.label if value.label else value.index == (a.index or 0))]
                 if not matches:
                     label = f".{value.label}" if value.label else ""
                     raise NotFound(f"attribute {value.head}.{value.output}{label} is not one the mapping was trained on; "
