@@ -89,3 +89,54 @@ def test_install_is_idempotent(installed_repo):
     before = installed_repo.versions("dcgan-faces")
     install_defaults(installed_repo, log=lambda _m: None)
     assert installed_repo.versions("dcgan-faces") == before == [1]
+
+
+@pytest.mark.parametrize("name", ["./thing", "thing/", "..", "../thing", "a/../thing", "/abs/thing", "thing\0", "thing\n",
+                                  "Thing", " thing", ".thing", "", "t" * 65, "t" * (1 << 20)])
+def test_one_name_pattern_for_reads_and_writes(tmp_path, name):
+    """Paths, '..', NUL, a trailing newline (which `$` lets through), upper case and over-long
+    names are INVALID_ARGUMENT for reading, listing versions and writing; the message stays short."""
+    repo = ModelRepository(tmp_path / "repo")
+    _write(repo, "thing")
+    (tmp_path / "thing" / "1").mkdir(parents=True)  # an entry outside the repository, one '..' away
+    (tmp_path / "thing" / "1" / MANIFEST).write_text('{"kind": "artifact"}')
+    for action in (lambda: repo.resolve(name), lambda: repo.versions(name), lambda: _write(repo, name),
+                   lambda: repo.check_writable(name, "artifact")):
+        with pytest.raises(InvalidArgument) as info:
+            action()
+        assert len(info.value.message) < 400
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["thing"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "thing"]
+
+
+def test_a_name_holds_one_kind_and_reads_by_kind_are_never_shadowed(tmp_path):
+    from latentedit.errors import AlreadyExists
+
+    repo = ModelRepository(tmp_path)
+    _write(repo, "gen", kind="generator")
+    with pytest.raises(AlreadyExists, match="'gen' already holds a generator; a boundary cannot be written"):
+        _write(repo, "gen", kind="boundary")
+    assert repo.versions("gen") == [1] and repo.kinds("gen") == {"generator"}
+    assert _write(repo, "gen", kind="generator").version == 2  # the same kind: a new version
+    # A repository written before kinds were checked: v3 is a boundary.
+    (tmp_path / "gen" / "3").mkdir()
+    (tmp_path / "gen" / "3" / MANIFEST).write_text('{"kind": "boundary", "files": {}}')
+    assert repo.resolve("gen", kind="generator").version == 2
+    assert repo.resolve("gen", kind="boundary").version == 3
+    assert repo.resolve("gen").version == 3
+    assert "gen" in repo.names("generator") and "gen" in repo.names("boundary")
+    assert [e.version for e in repo.entries("generator")] == [2]
+    with pytest.raises(NotFound, match="v3 is a boundary, not a generator"):
+        repo.resolve("gen", 3, kind="generator")
+    with pytest.raises(NotFound, match="is a boundary, not a mapping"):
+        repo.resolve("gen", kind="mapping")
+    with pytest.raises(AlreadyExists):
+        _write(repo, "gen", kind="generator")  # the name is mixed now: neither kind may add to it
+
+
+def test_folders_outside_the_pattern_are_not_listed(tmp_path):
+    repo = ModelRepository(tmp_path)
+    _write(repo, "thing")
+    (tmp_path / "Odd Name" / "1").mkdir(parents=True)
+    (tmp_path / "Odd Name" / "1" / MANIFEST).write_text('{"kind": "artifact"}')
+    assert repo.names() == ["thing"]

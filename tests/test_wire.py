@@ -1,5 +1,6 @@
 """The tensor and image codec: round trips and every class of malformed payload."""
 
+import grpc
 import numpy as np
 import pytest
 
@@ -104,3 +105,62 @@ def test_png_decompression_bombs_are_refused_from_the_header():
         wire.decode_images(types_pb2.ImageBatch(encoding=types_pb2.IMAGE_ENCODING_PNG, png=[big] * 5))
     small = wire.decode_images(types_pb2.ImageBatch(encoding=types_pb2.IMAGE_ENCODING_PNG, png=[_png_bytes(8, 6)] * 3))
     assert small.shape == (3, 6, 8, 3)
+
+
+def test_float64_values_must_be_finite_as_float32():
+    """1e300 is finite in float64 and infinite in float32, which everything downstream uses."""
+    for value in (1e300, -1e39, 3.5e38):
+        with pytest.raises(InvalidArgument, match="as float32"):
+            wire.from_tensor(wire.to_tensor(np.full((2, 3), value)), field="x")
+    assert wire.from_tensor(wire.to_tensor(np.full((2, 3), 3.0e38)), field="x").dtype == np.float64
+
+
+def test_latents_beyond_the_range_limit_are_refused():
+    from latentedit.latents import LatentSpaceSpec
+    from latentedit.limits import LIMITS
+
+    class Spec:
+        def space(self, name):
+            return LatentSpaceSpec("z", 4)
+
+    ok = types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(np.full((1, 4), LIMITS.latent_abs, np.float32)))
+    assert wire.latents_from_proto(ok, Spec()).values.shape == (1, 4)
+    big = types_pb2.Latents(space=types_pb2.LATENT_SPACE_Z, values=wire.to_tensor(np.full((1, 4), 1e30, np.float32)))
+    with pytest.raises(InvalidArgument, match="latent_abs"):
+        wire.latents_from_proto(big, Spec())
+
+
+def test_check_finite_fields_names_the_field_at_any_depth():
+    from latentedit.api.v1 import editor_pb2, trainer_pb2
+
+    request = trainer_pb2.StartJobRequest(boundary=trainer_pb2.BoundaryJobSpec(threshold=float("nan")))
+    with pytest.raises(InvalidArgument, match=r"^boundary\.threshold must be a finite number"):
+        wire.check_finite_fields(request)
+    request = editor_pb2.EditRequest(sgf=editor_pb2.SGFEdit(attributes=editor_pb2.AttributeTarget(values=[
+        editor_pb2.AttributeValue(value=1.0), editor_pb2.AttributeValue(value=float("-inf"))])))
+    with pytest.raises(InvalidArgument, match=r"sgf\.attributes\.values\[1\]\.value must be a finite number; got -inf"):
+        wire.check_finite_fields(request)
+    wire.check_finite_fields(trainer_pb2.StartJobRequest(boundary=trainer_pb2.BoundaryJobSpec(threshold=0.5, svm_c=2.0)))
+
+
+def test_raw_images_without_pixels_or_over_the_pixel_limit():
+    from latentedit.errors import ResourceExhausted
+
+    for shape in ((1, 0, 4, 3), (2, 4, 0, 3)):
+        with pytest.raises(InvalidArgument, match="has no pixels"):
+            wire.decode_images(types_pb2.ImageBatch(raw=wire.to_tensor(np.zeros(shape, np.uint8))))
+    with pytest.raises(ResourceExhausted, match="larger than the limit"):
+        wire.decode_images(types_pb2.ImageBatch(raw=wire.to_tensor(np.zeros((1, 1, wire.MAX_IMAGE_PIXELS + 1, 3), np.uint8))))
+
+
+@pytest.mark.parametrize("text", ["x" * (1 << 20), "\u00e9" * (1 << 19), "\U0001f600" * (1 << 18)])
+def test_error_messages_are_capped_centrally(text):
+    """Every error's message fits gRPC's metadata limit, whatever it repeats (the status would
+    otherwise become RESOURCE_EXHAUSTED on the client)."""
+    from latentedit.errors import MAX_MESSAGE_BYTES, NotFound, RemoteError, shown
+
+    for error in (NotFound(f"no head named {text!r}"), RemoteError(grpc.StatusCode.NOT_FOUND, text)):
+        assert len(error.message.encode()) <= MAX_MESSAGE_BYTES and str(error) == error.message
+        assert error.message.endswith("characters in all]")
+    assert len(shown(text)) < 120 and shown("short") == "'short'"
+    assert NotFound("fine").message == "fine"
