@@ -564,3 +564,111 @@ def test_tls_exec_probe_speaks_to_a_mutual_tls_server(tools: None, tmp_path: Pat
 def test_deploy_has_one_source_of_manifests() -> None:
     """deploy/k8s (hand-written kustomize) is gone: `helm template` is the way to plain manifests."""
     assert not (ROOT / "deploy" / "k8s").exists()
+
+
+# ---- the image (static: no Docker engine or base image can be had here) --------------------------
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending = f"{pending} {line}" if pending else line
+        if pending.endswith("\\"):
+            pending = pending[:-1].rstrip()
+            continue
+        word, _, rest = pending.partition(" ")
+        instructions.append((word.upper(), rest.strip()))
+        pending = ""
+    assert not pending, "unterminated continuation line"
+    return instructions
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (the FROM first); the global ARGs under ''."""
+    stages: dict[str, list[tuple[str, str]]] = {"": []}
+    current = ""
+    for instruction, args in dockerfile_instructions((ROOT / "deploy" / "Dockerfile").read_text()):
+        if instruction == "FROM":
+            match = re.fullmatch(r"(\S+) AS (\S+)", args, flags=re.IGNORECASE)
+            assert match, f"every stage is named: FROM {args}"
+            current = match[2]
+            assert current not in stages, f"stage {current} twice"
+            stages[current] = []
+        stages[current].append((instruction, args))
+    return stages
+
+
+def _stage_chain(stages: dict[str, list[tuple[str, str]]], name: str) -> list[tuple[str, str]]:
+    """A stage's instructions after those of the stages it builds on."""
+    base = stages[name][0][1].split()[0]
+    return (_stage_chain(stages, base) if base in stages else []) + stages[name]
+
+
+def test_dockerfile_is_multi_stage_non_root_labelled() -> None:
+    stages = dockerfile_stages()
+    names = list(stages)
+    assert {"build-cpu", "build-cuda", "runtime", "cpu", "cuda"} <= set(names), names
+    assert names[-1] == "cpu", "the default target (last stage) is the CPU image"
+    for final, build in (("cpu", "build-cpu"), ("cuda", "build-cuda")):
+        chain = _stage_chain(stages, final)
+        # Nothing of the build stages but the venv reaches the image.
+        copies = [a for i, a in stages[final] if i == "COPY" and "--from=" in a]
+        assert copies == [f"--from={build} --chown=root:root /opt/venv /opt/venv"], copies
+        users = [a for i, a in chain if i == "USER"]
+        assert users and users[-1] == "10001:10001", users  # the chart's runAsUser; root owns the files
+        assert not [a for i, a in chain if i == "RUN" and ("chmod 777" in a or "chown -R latentedit" in a)]
+        labels = " ".join(a for i, a in chain if i == "LABEL")
+        for key in ("title", "description", "version", "revision", "created", "source", "licenses"):
+            assert f"org.opencontainers.image.{key}=" in labels, key
+        entrypoint = [a for i, a in chain if i == "ENTRYPOINT"]
+        assert entrypoint == ['["latentedit"]'], entrypoint
+        assert "useradd --system --uid 10001" in " ".join(a for i, a in chain if i == "RUN")
+    # The final images start from the same Python base as the build (the venv's interpreter path).
+    assert stages["runtime"][0][1].split()[0] == stages["build-base"][0][1].split()[0] == "${PYTHON_IMAGE}"
+    (python_image,) = [a for i, a in stages[""] if i == "ARG" and a.startswith("PYTHON_IMAGE=")]
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11-slim(-\w+)?", python_image), python_image
+
+
+def test_dockerfile_installs_from_the_lock_without_a_hard_coded_index() -> None:
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    instructions = dockerfile_instructions(text)
+    # No URL in any instruction (comments may show example build arguments): indexes come from
+    # build arguments, and nothing is fetched with ADD, curl or wget.
+    for instruction, args in instructions:
+        if instruction == "LABEL":
+            continue
+        assert not re.search(r"\w+://", args), f"{instruction} {args}"
+        assert instruction != "ADD", "COPY only"
+        assert not re.search(r"\b(curl|wget)\b", args), args
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "TORCH_INDEX_URL"):
+        assert f'ARG {name}=""' in text, name
+    runs = [a for i, a in instructions if i == "RUN" and "pip install" in a]
+    assert any("-r /tmp/lock-without-torch.txt" in r and "--no-deps" in r and "grep -v '^torch==' requirements.lock" in r
+               for r in runs), runs
+    torch_installs = [r for r in runs if "grep '^torch==' requirements.lock" in r]
+    assert len(torch_installs) == 2, runs  # CPU and CUDA: torch's version is the lock's
+    for r in torch_installs:
+        assert '${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}' in r, r
+        assert re.search(r"--index-url(?! \"\$TORCH_INDEX_URL\")", r) is None, r
+    cuda = [r for r in torch_installs if "-c requirements.lock" in r]
+    assert len(cuda) == 1 and "--no-deps" not in cuda[0], "the CUDA wheel needs its nvidia-* libraries"
+    assert "--no-deps" in [r for r in torch_installs if r not in cuda][0]
+    assert re.search(r"^torch==\d", (ROOT / "requirements.lock").read_text(), flags=re.M)
+    copied = {a.split()[0] for i, a in instructions if i == "COPY" and "--from=" not in a and "--chown" not in a}
+    assert {"requirements.lock", "latentedit", "generator_svc", "scorer_svc", "trainer_svc", "editor_svc"} <= copied
+    assert not copied & {".", ".venv", "model-repo", "out"}, copied
+
+
+def test_docker_context_excludes_the_local_environment() -> None:
+    lines = [ln.strip() for ln in (ROOT / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*", "allow-list: everything else stays out (.venv, model-repo, out, certificates)"
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    copied = {a.split()[0] for i, a in dockerfile_instructions((ROOT / "deploy" / "Dockerfile").read_text())
+              if i == "COPY" and "--from=" not in a for a in [a.replace("--chown=root:root ", "")]}
+    assert copied <= allowed | {"pyproject.toml", "README.md"}, copied - allowed
+    assert not allowed & {".venv", "model-repo", "out"}
