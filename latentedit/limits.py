@@ -66,7 +66,11 @@ class RequestLimits:
 
     edit_distance: float = 1000.0
     """|start/end distance| of InterFaceGAN and GANSpace edits, |start/end stride| of DP-LaSE
-    walks (latent units; a N(0, I_100) sample has norm about 10)."""
+    walks and a DP-LaSE job's max_stride (latent units; a N(0, I_100) sample has norm about 10)."""
+
+    weight_max: float = 1.0e6
+    """Loss weights of a job (DP-LaSE similarity, orthogonality, density, sparsity) and the SVM's C
+    of a boundary job."""
 
     latent_abs: float = 1.0e4
     """|value| of any latent a caller sends (finite float32 values beyond this overflow inside

@@ -427,6 +427,9 @@ def _limit_cases():
         ("trainer", "StartJob", _custom_boundary(attribute_name="a" * 5000), "attribute_name"),
         ("trainer", "StartJob", trainer_pb2.StartJobRequest(display_name="d" * 5000, boundary=trainer_pb2.BoundaryJobSpec(attribute=YAW)),
          "display_name"),
+        ("trainer", "StartJob", trainer_pb2.StartJobRequest(directions=trainer_pb2.DirectionJobSpec(max_stride=1e30)), "edit_distance"),
+        ("trainer", "StartJob", trainer_pb2.StartJobRequest(directions=trainer_pb2.DirectionJobSpec(density_weight=1e30)), "weight_max"),
+        ("trainer", "StartJob", trainer_pb2.StartJobRequest(boundary=trainer_pb2.BoundaryJobSpec(attribute=YAW, svm_c=1e30)), "weight_max"),
         ("editor", "Edit", editor_pb2.EditRequest(seed=seed, sgf=editor_pb2.SGFEdit(
             mapping="none", caption=editor_pb2.CaptionTarget(text="a face " * 1000))), "sgf.caption.text"),
         ("editor", "Edit", editor_pb2.EditRequest(seed=seed, interfacegan=editor_pb2.InterFaceGANEdit(

@@ -653,6 +653,10 @@ class DPLaSE(Method):
         for field_name in ("similarity_weight", "orthogonality_weight", "density_weight", "max_stride", "sparsity_weight"):
             if getattr(message, field_name) < 0:
                 raise InvalidArgument(f"{field_name} {getattr(message, field_name)} must be >= 0 (0: the default)")
+            if field_name == "max_stride":
+                check_range(message.max_stride, "max_stride", 0, LIMITS.edit_distance, "edit_distance")
+            else:
+                check_range(getattr(message, field_name), field_name, 0, LIMITS.weight_max, "weight_max")
         steps = message.options.steps or defaults.steps
         check_range(steps, "options.steps", 1, LIMITS.training_steps, "training_steps")
         check_finite(learning_rate=message.options.learning_rate)

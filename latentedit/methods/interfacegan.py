@@ -23,7 +23,7 @@ from latentedit.attributes import Attribute
 from latentedit.config import EditorConfig
 from latentedit.errors import FailedPrecondition, InvalidArgument
 from latentedit.latents import Latents, RowRange, move
-from latentedit.limits import LIMITS, check_items, check_text
+from latentedit.limits import LIMITS, check_items, check_range, check_text
 from latentedit.methods.base import (
     Editable,
     FrameRequest,
@@ -443,6 +443,7 @@ class InterFaceGAN(Method):
             raise InvalidArgument(f"validation_fraction {validation_fraction:g} must be in [0, 1)")
         if svm_c < 0:
             raise InvalidArgument(f"svm_c {svm_c:g} must be positive")
+        check_range(svm_c, "svm_c", 0, LIMITS.weight_max, "weight_max")
 
     def job_artifact_kind(self, kind: str) -> str:
         return CORRELATION_KIND if kind == "correlation" else BOUNDARY_KIND
