@@ -83,6 +83,9 @@ class RequestLimits:
     batch_pixels: int = 64 * 1024 * 1024
     """Pixels of one image batch: RESOURCE_EXHAUSTED."""
 
+    page_size: int = 500
+    """Jobs per ListJobs page."""
+
     page_token_digits: int = 12
     """ListJobs page tokens are offsets this service issued: at most 12 digits."""
 

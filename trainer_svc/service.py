@@ -10,7 +10,7 @@ from trainer_svc import jobs
 from trainer_svc.runner import JobRunner
 from trainer_svc.store import TERMINAL, JobStore
 
-MAX_PAGE = 500
+MAX_PAGE = LIMITS.page_size
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
