@@ -45,8 +45,9 @@ def cmd_certs_make(args: argparse.Namespace) -> int:
     paths = make_certs(args.directory, hosts=args.host or DEFAULT_HOSTS, days=args.days)
     for name, path in paths.items():
         print(f"{name:14s} {path}")
-    print(f"hosts: {', '.join(args.host or DEFAULT_HOSTS)}; valid {args.days} days. Serve with "
-          f"--config config/secure-local.yaml (expects {Path('certs')}/...), call with LATENTEDIT_TOKEN=$(cat {paths['admin.token']})")
+    print(f"server certificate for {', '.join(args.host or DEFAULT_HOSTS)}, valid {args.days} days. "
+          "config/secure-local.yaml reads out/certs/; callers: export LATENTEDIT_TOKEN=$(cat "
+          f"{paths['admin.token']})")
     return 0
 
 

@@ -98,8 +98,9 @@ def secure_suite(tmp_path_factory, installed_repo, pki):
         "generator": {"poll_interval_s": 1},
         "security": _security_section(paths, directory, mutual=True),
     }))
+    log = where / "serve.log"  # a file, not a pipe nobody reads while the suite runs
     process = subprocess.Popen([sys.executable, "-m", "latentedit", "--config", str(config), "serve"], cwd=ROOT, env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         for name, port in ports.items():
             # Health's Watch pushes each status change; wait_for_ready covers the time before the
@@ -112,8 +113,9 @@ def secure_suite(tmp_path_factory, installed_repo, pki):
                         break
             except grpc.RpcError as exc:
                 process.terminate()
+                process.wait(60)
                 raise AssertionError(f"{name} never reported SERVING over mutual TLS ({exc.code().name}): "
-                                     f"{process.communicate(timeout=60)[0]}") from exc
+                                     f"{log.read_text()[-5000:]}") from exc
             finally:
                 updates.cancel()
         yield config, ports, pki

@@ -213,7 +213,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         refusal = self.check(handler_call_details.method, handler_call_details.invocation_metadata or ())
         if refusal is None:
             return handler
-        log.info("refused %s: %s", handler_call_details.method, refusal[0].name)
+        log.debug("refused %s: %s", handler_call_details.method, refusal[0].name)  # counted by the metrics
         return _refusal(handler, *refusal)
 
 

@@ -156,6 +156,9 @@ class ServiceHost:
         self.options = options
         self.service = service or "latentedit"
         self.security: ServerSecurity | None = resolve(security) if security is not None else None
+        if security is not None and self.security is None:
+            log.warning("%s: serving plaintext without tokens (security.insecure); any client that reaches the port "
+                        "can call every RPC", self.service)
         self.observability = observability_config or ObservabilityConfig()
         self.calls = CallCounter()
         interceptors: list[grpc.ServerInterceptor] = [*observability.server_interceptors(self.service)]
