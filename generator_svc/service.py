@@ -17,7 +17,7 @@ from generator_svc.pool import GeneratorPool, LoadedGenerator
 from latentedit import wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, types_pb2
 from latentedit.batching import result_within
-from latentedit.errors import InvalidArgument, ResourceExhausted
+from latentedit.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from latentedit.latents import Latents, LatentSpaceSpec
 from latentedit.models.generator import IMAGE_LAYER
 from latentedit.rpc.serving import deadline_seconds
@@ -86,6 +86,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         return generator_pb2.ListModelsResponse(models=models, default_model=self.pool.config.default_model)
 
     def Sample(self, request, context):
+        # Sampling does not queue (no batcher to drop it): a caller already gone gets nothing computed.
+        if deadline_seconds(context) <= 0:
+            raise DeadlineExceeded("the deadline passed before sampling started")
         loaded = self._model(request.model)
         space = _space(loaded, request.space)
         self._check_batch(request.count, loaded, "count")

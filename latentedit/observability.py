@@ -275,7 +275,13 @@ def start(service: str, config: ObservabilityConfig) -> None:
         if port:
             key = (config.metrics_host, port)
             if key not in _STATE.metrics_servers:
-                _STATE.metrics_servers[key] = start_http_server(port, addr=config.metrics_host)
+                try:
+                    _STATE.metrics_servers[key] = start_http_server(port, addr=config.metrics_host)
+                except OSError as exc:
+                    raise RuntimeError(
+                        f"{service}: cannot serve metrics on {config.metrics_host}:{port} ({exc.strerror}); several services "
+                        f"on one host need their own ports: observability.metrics_ports, e.g. {{generator: 9101, scorer: 9102}}"
+                    ) from exc
                 log.info("%s: metrics on http://%s:%d/metrics", service, config.metrics_host, port)
         if config.json_logs and _STATE.json_handler is None:
             _STATE.json_handler = _use_json_logs()

@@ -393,3 +393,15 @@ def test_services_as_processes_export_one_trace_serve_metrics_and_log_json(insta
     records = [json.loads(line) for line in logs["editor"].read_text().splitlines() if line.startswith("{")]
     assert any("listening on port" in r["message"] and r["service"] == "editor" for r in records), records[:5]
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+
+
+def test_a_metrics_port_in_use_stops_start_up_naming_the_per_service_ports():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = observability.ObservabilityConfig(metrics_port=port, metrics_host="127.0.0.1")
+        with pytest.raises(RuntimeError, match=f"cannot serve metrics on 127.0.0.1:{port}.*observability.metrics_ports"):
+            observability.start("obs-test", config)
