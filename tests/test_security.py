@@ -392,3 +392,40 @@ def test_a_service_whose_own_token_is_refused_downstream_says_so(secure_suite, t
         assert tokens["all-but-generate"] not in info.value.details()
     finally:
         host.stop(0)
+
+
+def test_what_counts_as_insecure_and_what_a_client_refuses(monkeypatch, pki):
+    """Plaintext only when said: `insecure: true`, or LATENTEDIT_INSECURE when the file says
+    nothing; an explicit `insecure: false` or certificates win over the environment. Clients never
+    send a token without TLS. Every RPC a server registers must have a scope."""
+    from latentedit.rpc.security import ClientSecurity, check_service_scopes, resolve
+
+    paths, _, directory = pki
+    certs = {"cert_file": str(paths["server.crt"]), "key_file": str(paths["server.key"]),
+             "tokens_file": str(directory / "tokens.txt")}
+    monkeypatch.delenv("LATENTEDIT_INSECURE", raising=False)
+    assert resolve(SecurityConfig(insecure=True)) is None
+    for config in (SecurityConfig(), SecurityConfig(insecure=False)):
+        with pytest.raises(SecurityConfigError, match="no TLS certificate"):
+            resolve(config)
+    monkeypatch.setenv("LATENTEDIT_INSECURE", "1")
+    assert resolve(SecurityConfig()) is None
+    with pytest.raises(SecurityConfigError, match="no TLS certificate"):
+        resolve(SecurityConfig(insecure=False))
+    assert resolve(SecurityConfig(**certs)) is not None  # certificates: secure whatever the environment says
+    with pytest.raises(SecurityConfigError, match="choose one"):
+        resolve(SecurityConfig(insecure=True, **certs))
+    with pytest.raises(SecurityConfigError, match="require_client_cert needs ca_file"):
+        resolve(SecurityConfig(require_client_cert=True, **certs))
+    with pytest.raises(SecurityConfigError, match="true or false"):
+        resolve(SecurityConfig(insecure="yes"))  # type: ignore[arg-type]
+
+    secret = secrets.token_urlsafe(24)
+    with pytest.raises(SecurityConfigError, match="only sent over TLS") as info:
+        ClientSecurity.from_args(token=secret, ca_file="", cert_file="", key_file="")
+    assert secret not in str(info.value) and secret not in repr(ClientSecurity(True, token=secret))
+
+    for service in SERVICES:
+        check_service_scopes(service.full_name)
+    with pytest.raises(SecurityConfigError, match=r"grpc.health.v1.Health: no scope defined for \['Check'"):
+        check_service_scopes("grpc.health.v1.Health")
