@@ -187,7 +187,7 @@ def decode_images(batch: types_pb2.ImageBatch, *, field: str = "images", channel
         if images.shape[0] == 0:
             raise InvalidArgument(f"{field}: the batch is empty")
         if min(images.shape[1:3]) < 1:
-            raise InvalidArgument(f"{field}.raw: size {images.shape[2]}x{images.shape[1]} has no pixels")
+            raise InvalidArgument(f"{field}: size {images.shape[2]}x{images.shape[1]} has no pixels")
         if images.shape[1] * images.shape[2] > MAX_IMAGE_PIXELS:
             raise ResourceExhausted(f"{field}.raw: {images.shape[2]}x{images.shape[1]} is larger than the limit of "
                                     f"{MAX_IMAGE_PIXELS} pixels per image")

@@ -355,9 +355,13 @@ def test_every_float_option_of_every_job_spec_and_edit_must_be_finite(suite, val
         _set_path(request, path, value)
         if rpc == "Edit":
             request.seed.count = 1
+        if rpc == "Invert":
+            request.images.raw.CopyFrom(wire.to_tensor(np.zeros((1, 64, 64, 3), np.uint8)))
+            request.steps = 1
         code, details = _status(getattr(stubs[service], rpc), request)
         label = f"{rpc} {'.'.join(f.name for f in path)}"
-        if code != INVALID or path[-1].name not in details or "finite" not in details:
+        # Invert's one float (learning_rate) is refused by its range check, in its own words.
+        if code != INVALID or path[-1].name not in details or ("finite" not in details and rpc != "Invert"):
             wrong.append(f"{label}={value}: {code.name} {details[:150]!r}")
     assert not wrong, "\n".join(wrong)
     _serving(stubs)
@@ -480,6 +484,15 @@ def test_corpus_findings_answer_the_precise_code(suite, boundaries):
         attribute=YAW, generator=types_pb2.ModelRef(version=-1))), INVALID, "generator.version -1")
     _expect(editor.Edit, editor_pb2.EditRequest(seed=seed, generator=types_pb2.ModelRef(version=-1),
                                                 interfacegan=editor_pb2.InterFaceGANEdit(boundary="cb-one")), INVALID, "generator.version")
+    # A label or index on a scalar output is an error, not ignored (boundary and mapping jobs).
+    for field, ref, code in (("attribute.label", types_pb2.AttributeRef(head="pose", output="yaw", label="left"), grpc.StatusCode.NOT_FOUND),
+                             ("attribute.index", types_pb2.AttributeRef(head="pose", output="yaw", index=2**31 - 1), INVALID),
+                             ("attribute.index", types_pb2.AttributeRef(head="pose", output="yaw", index=-1), INVALID)):
+        _expect(trainer.StartJob, trainer_pb2.StartJobRequest(boundary=trainer_pb2.BoundaryJobSpec(attribute=ref)), code, field)
+        _expect(trainer.StartJob, trainer_pb2.StartJobRequest(boundary=trainer_pb2.BoundaryJobSpec(attribute=YAW, quality_attribute=ref)),
+                code, "quality_" + field)
+        _expect(trainer.StartJob, trainer_pb2.StartJobRequest(mapping=trainer_pb2.MappingJobSpec(
+            condition=trainer_pb2.CONDITION_KIND_ATTRIBUTES, attributes=[ref])), code, field.replace("attribute", "attributes[0]"))
     # ListEdits checks the generator it filters by.
     _expect(editor.ListEdits, editor_pb2.ListEditsRequest(generator=types_pb2.ModelRef(name="no-such-generator")),
             grpc.StatusCode.NOT_FOUND, "no-such-generator")
@@ -522,15 +535,17 @@ def test_corpus_findings_answer_the_precise_code(suite, boundaries):
 def test_sgf_attribute_targets_match_scalar_attributes_only_at_index_0():
     from latentedit.attributes import Attribute
     from latentedit.conditions import ConditionSpec
-    from latentedit.errors import NotFound
+    from latentedit.errors import InvalidArgument, NotFound
     from latentedit.methods.sgf import SGF, AttributeGoal
 
     condition = ConditionSpec("attributes", [Attribute("pose", "yaw", None)])
     current = np.zeros((2, 1), np.float32)
     target, mask = SGF.target((AttributeGoal("pose", "yaw", "", 0, 20.0),), condition, current, None)
     assert target[:, 0].tolist() == [20.0, 20.0] and mask.tolist() == [1.0]
-    with pytest.raises(NotFound, match="pose.yaw"):
+    with pytest.raises(InvalidArgument, match="pose.yaw is a scalar"):
         SGF.target((AttributeGoal("pose", "yaw", "", 2**31 - 1, 20.0),), condition, current, None)
+    with pytest.raises(NotFound, match="pose.pitch"):
+        SGF.target((AttributeGoal("pose", "pitch", "", 0, 20.0),), condition, current, None)
 
 
 # ---- 6. already fixed before this work: they hold --------------------------------------------

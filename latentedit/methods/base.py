@@ -19,7 +19,7 @@ import numpy as np
 
 from latentedit.attributes import Attribute
 from latentedit.config import EditorConfig
-from latentedit.errors import InvalidArgument
+from latentedit.errors import InvalidArgument, NotFound, shown
 from latentedit.latents import Latents
 from latentedit.limits import LIMITS, check_range
 from latentedit.repository import Entry, ModelRepository, validate_name
@@ -143,6 +143,19 @@ def job_basics(world: World, generator_ref, options, default_name: Callable[[Gen
     check_range(batch, "options.batch_size", 1, MAX_JOB_BATCH, "job_batch")
     name = validate_name(options.artifact_name or default_name(generator).lower(), "artifact name (from the spec)")
     return JobBasics(generator, name, int(options.seed), batch)
+
+
+def resolve_attribute(ref, heads, field: str) -> Attribute:
+    """`attributes.resolve`, and a label or index given for a scalar output is an error, not ignored."""
+    from latentedit.attributes import resolve
+
+    attribute = resolve(ref, heads, field)
+    if attribute.index is None:
+        if ref.label:
+            raise NotFound(f"{field}.label {shown(ref.label)}: {ref.head}.{ref.output} is a scalar and has no labels")
+        if ref.index:
+            raise InvalidArgument(f"{field}.index {ref.index}: {ref.head}.{ref.output} is a scalar; leave index at 0")
+    return attribute
 
 
 def check_count(value: int, field_name: str, low: int = MIN_SAMPLES, high: int = MAX_SAMPLES, limit: str = "job_samples") -> int:

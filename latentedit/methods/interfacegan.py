@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.svm import LinearSVC
 
-from latentedit import attributes
 from latentedit.artifacts import BOUNDARY_KIND, CORRELATION_KIND, json_writer, load_tensors, resolve_trained, tensors_writer
 from latentedit.attributes import Attribute
 from latentedit.config import EditorConfig
@@ -39,6 +38,7 @@ from latentedit.methods.base import (
     check_frames,
     job_basics,
     path_frames,
+    resolve_attribute,
 )
 from latentedit.repository import Entry, ModelRepository, validate_name
 from latentedit.world import GeneratorInfo, World
@@ -390,8 +390,8 @@ class InterFaceGAN(Method):
                                       f"side; at least {MIN_PER_CLASS} are needed")
             self._check_fit_options(message.validation_fraction, message.svm_c)
             heads = world.heads()
-            attribute = attributes.resolve(message.attribute, heads, "attribute")
-            quality = attributes.resolve(message.quality_attribute, heads, "quality_attribute") if message.quality_attribute.head else None
+            attribute = resolve_attribute(message.attribute, heads, "attribute")
+            quality = resolve_attribute(message.quality_attribute, heads, "quality_attribute") if message.quality_attribute.head else None
             basics = job_basics(world, message.generator, message.options,
                                 lambda g: f"{g.name}-{attribute.name.replace('.', '-').replace('[', '').replace(']', '')}")
             space = basics.generator.space(space_name(message.space)).space

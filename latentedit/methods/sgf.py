@@ -24,7 +24,6 @@ from torch import nn
 from torch.func import jvp
 from torch.nn.utils.parametrizations import spectral_norm
 
-from latentedit import attributes
 from latentedit.artifacts import MAPPING_KIND, load_tensors, resolve_trained, tensors_writer
 from latentedit.conditions import ConditionSpec
 from latentedit.config import EditorConfig
@@ -48,6 +47,7 @@ from latentedit.methods.base import (
     check_finite,
     job_basics,
     requested,
+    resolve_attribute,
 )
 from latentedit.repository import Entry, ModelRepository
 from latentedit.world import GeneratorInfo, World
@@ -429,6 +429,9 @@ class SGF(Method):
                 # A scalar attribute has no index: only index 0 (unset) names it.
                 matches = [i for i, a in enumerate(condition.attributes) if a.head == value.head and a.output == value.output
                            and (a.label == value.label if value.label else value.index == (a.index or 0))]
+                if not matches and not value.label and any(a.head == value.head and a.output == value.output and a.index is None
+                                                           for a in condition.attributes):
+                    raise InvalidArgument(f"attribute.index {value.index}: {value.head}.{value.output} is a scalar; leave index at 0")
                 if not matches:
                     label = f".{value.label}" if value.label else ""
                     raise NotFound(f"attribute {value.head}.{value.output}{label} is not one the mapping was trained on; "
@@ -464,7 +467,7 @@ class SGF(Method):
             if not message.attributes:
                 raise InvalidArgument("attributes: an ATTRIBUTES mapping needs at least one attribute")
             check_items(len(message.attributes), "attributes", LIMITS.list_items, "list_items")
-            condition = ConditionSpec("attributes", [attributes.resolve(a, heads, f"attributes[{i}]") for i, a in enumerate(message.attributes)])
+            condition = ConditionSpec("attributes", [resolve_attribute(a, heads, f"attributes[{i}]") for i, a in enumerate(message.attributes)])
         elif message.condition == trainer_pb2.CONDITION_KIND_KEYPOINTS:
             head = schemas.get(message.keypoints_head)
             if head is None or "points" not in {o.name for o in head.outputs}:
