@@ -742,6 +742,31 @@ def _extra_cases() -> list[Case]:
         latents=latents(1), backend=types_pb2.BACKEND_TENSORRT), PRECONDITION))
     cases.append(Case("generator.Sample W space of a Z-only model", "generator", "Sample", generator_pb2.SampleRequest(
         count=1, space=types_pb2.LATENT_SPACE_W), INVALID))
+    # The limits table (latentedit/limits.py): just over each limit a request can reach cheaply.
+    big = types_pb2.Latents(space=1, values=tensor(np.full((1, DIM), 2e4, np.float32)))
+    cases.append(Case("generator.Synthesize latents of 2e4 (over latent_abs)", "generator", "Synthesize",
+                      generator_pb2.SynthesizeRequest(latents=big), INVALID))
+    cases.append(Case("editor.Edit start latents of 2e4 (over latent_abs)", "editor", "Edit", editor_pb2.EditRequest(
+        latents=big, interfacegan=editor_pb2.InterFaceGANEdit(boundary=YAW, end_distance=1)), INVALID))
+    cases.append(Case("editor.Edit distance 1001 (over edit_distance)", "editor", "Edit", edit_request(
+        "interfacegan", editor_pb2.InterFaceGANEdit(boundary=YAW, end_distance=1001)), INVALID))
+    cases.append(Case("editor.Edit 65 condition boundaries (over list_items)", "editor", "Edit", edit_request(
+        "interfacegan", editor_pb2.InterFaceGANEdit(boundary=YAW, condition_boundaries=[SMILE] * 65, end_distance=1)), INVALID))
+    cases.append(Case("editor.Edit 65 SGF attribute targets (over list_items)", "editor", "Edit", edit_request("sgf", editor_pb2.SGFEdit(
+        mapping=MAPPINGS["attributes"], attributes=editor_pb2.AttributeTarget(values=[editor_pb2.AttributeValue(
+            attribute=attribute("pose", "yaw"), value=1.0)] * 65))), INVALID))
+    cases.append(Case("editor.Edit caption of 2001 characters (over text_chars)", "editor", "Edit", edit_request("sgf", editor_pb2.SGFEdit(
+        mapping=MAPPINGS["caption"], caption=editor_pb2.CaptionTarget(text="a" * 2001))), INVALID))
+    cases.append(Case("trainer.StartJob correlation of 65 boundaries (over list_items)", "trainer", "StartJob", trainer_pb2.StartJobRequest(
+        correlation=trainer_pb2.CorrelationJobSpec(boundaries=[YAW, SMILE] * 33, num_samples=100)), INVALID))
+    cases.append(Case("trainer.StartJob mapping of 100,001 pairs (over mapping_pairs)", "trainer", "StartJob", trainer_pb2.StartJobRequest(
+        mapping=trainer_pb2.MappingJobSpec(condition=1, attributes=[attribute("pose", "yaw")], num_pairs=100_001)), INVALID))
+    cases.append(Case("trainer.StartJob mapping 17 layers deep (over mapping_depth)", "trainer", "StartJob", trainer_pb2.StartJobRequest(
+        mapping=trainer_pb2.MappingJobSpec(condition=1, attributes=[attribute("pose", "yaw")], num_pairs=100, depth=17)), INVALID))
+    cases.append(Case("trainer.StartJob mapping 1025 wide (over mapping_width)", "trainer", "StartJob", trainer_pb2.StartJobRequest(
+        mapping=trainer_pb2.MappingJobSpec(condition=1, attributes=[attribute("pose", "yaw")], num_pairs=100, hidden_dim=1025)), INVALID))
+    cases.append(Case("trainer.StartJob boundary of 500,001 samples (over job_samples)", "trainer", "StartJob", trainer_pb2.StartJobRequest(
+        boundary=trainer_pb2.BoundaryJobSpec(attribute=attribute("pose", "yaw"), num_samples=500_001)), INVALID))
     cases.append(Case("trainer.StartJob idempotency key reused with another spec", "trainer", "StartJob", trainer_pb2.StartJobRequest(
         idempotency_key="corpus-yaw", pca=trainer_pb2.PCAJobSpec(num_samples=100, num_components=2)), INVALID))
     cases.append(Case("trainer.StartJob correlation of one boundary", "trainer", "StartJob", trainer_pb2.StartJobRequest(
