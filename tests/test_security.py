@@ -429,3 +429,33 @@ def test_what_counts_as_insecure_and_what_a_client_refuses(monkeypatch, pki):
         check_service_scopes(service.full_name)
     with pytest.raises(SecurityConfigError, match=r"grpc.health.v1.Health: no scope defined for \['Check'"):
         check_service_scopes("grpc.health.v1.Health")
+
+
+def test_a_services_own_credentials_are_read_again_when_their_files_change(secure_suite, tmp_path):
+    """The channels the editor and trainer use (`Services`): a new service token in its file is
+    used by the next call without a restart; a client key that does not fit its certificate (a
+    rotation half done) keeps the working channels."""
+    from latentedit.rpc.remote_world import Services
+    from latentedit.rpc.security import ClientSecurity
+
+    _, ports, (paths, tokens, _) = secure_suite
+    token_file = tmp_path / "service.token"
+    token_file.write_text(tokens["all-but-generate"] + "\n")
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    shutil.copy(paths["client.crt"], cert)
+    shutil.copy(paths["client.key"], key)
+    security = ClientSecurity(True, str(paths["ca.crt"]), str(cert), str(key), token_file=str(token_file))
+    address = f"localhost:{ports['generator']}"
+    services = Services(address, f"localhost:{ports['scorer']}", security=security, service="test")
+    with pytest.raises(grpc.RpcError) as refused:
+        services.generator.ListModels(generator_pb2.ListModelsRequest(), timeout=20)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    os.replace(shutil.copy(paths["server.key"], tmp_path / "incoming.key"), key)  # not the client certificate's key
+    token_file.write_text(tokens["generate"] + "\n")
+    with pytest.raises(grpc.RpcError) as still:
+        services.generator.ListModels(generator_pb2.ListModelsRequest(), timeout=20)
+    assert still.value.code() == grpc.StatusCode.PERMISSION_DENIED  # the old channels, the old token
+
+    os.replace(shutil.copy(paths["client.key"], tmp_path / "incoming.key"), key)
+    assert services.generator.ListModels(generator_pb2.ListModelsRequest(), timeout=20).models

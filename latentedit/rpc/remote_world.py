@@ -8,6 +8,7 @@ cancelled when the caller goes. A dependency that is down becomes UNAVAILABLE na
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,10 +24,11 @@ from latentedit.latents import Latents
 from latentedit.models.generator import IMAGE_LAYER, StagedGenerator
 from latentedit.repository import ModelRepository
 from latentedit.rpc.client import connect, dependency
-from latentedit.rpc.security import ClientSecurity
+from latentedit.rpc.security import ClientSecurity, SecurityConfigError
 from latentedit.scoring.base import OutputSpec
 from latentedit.world import GeneratorInfo, HeadInfo, Scores
 
+log = logging.getLogger(__name__)
 HEAD_KIND_NAMES = {
     scorer_pb2.HEAD_KIND_ATTRIBUTE: "attribute",
     scorer_pb2.HEAD_KIND_KEYPOINTS: "keypoints",
@@ -100,7 +102,9 @@ class Services:
     """Channels to the generator and the scorer, shared by every RemoteWorld of a process.
 
     They carry this service's own credentials (`security`: its token and client certificate),
-    never a caller's; plaintext when None."""
+    never a caller's; plaintext when None. When a file of those credentials changes (a rotated
+    client certificate, a new service token), the next call opens new channels with them; calls
+    in flight finish on the old ones."""
 
     generator_address: str
     scorer_address: str
@@ -110,12 +114,50 @@ class Services:
     service: str = "client"  # who calls, for the observability client interceptors
 
     def __post_init__(self) -> None:
-        security = self.security or ClientSecurity()
-        self.generator_channel = self.generator_channel or connect(self.generator_address, security=security,
-                                                                   service=self.service)
-        self.scorer_channel = self.scorer_channel or connect(self.scorer_address, security=security, service=self.service)
-        self.generator = generator_pb2_grpc.GeneratorServiceStub(self.generator_channel)
-        self.scorer = scorer_pb2_grpc.ScorerServiceStub(self.scorer_channel)
+        self.security = self.security or ClientSecurity()
+        # Channels handed in are the caller's to manage: never replaced.
+        self._rotatable = self.security.tls and self.generator_channel is None and self.scorer_channel is None
+        self._lock = threading.Lock()
+        self._stamp = self.security.files_stamp()
+        self._failed_stamp: tuple | None = None
+        self._open(self.generator_channel, self.scorer_channel)
+
+    def _open(self, generator_channel: grpc.Channel | None = None, scorer_channel: grpc.Channel | None = None) -> None:
+        assert self.security is not None
+        self.generator_channel = generator_channel or connect(self.generator_address, security=self.security,
+                                                              service=self.service)
+        self.scorer_channel = scorer_channel or connect(self.scorer_address, security=self.security, service=self.service)
+        self._generator = generator_pb2_grpc.GeneratorServiceStub(self.generator_channel)
+        self._scorer = scorer_pb2_grpc.ScorerServiceStub(self.scorer_channel)
+
+    def _refresh(self) -> None:
+        if not self._rotatable:
+            return
+        assert self.security is not None
+        stamp = self.security.files_stamp()
+        if stamp is None or stamp in (self._stamp, self._failed_stamp):
+            return
+        with self._lock:
+            if stamp in (self._stamp, self._failed_stamp):
+                return
+            try:
+                self._open()
+            except SecurityConfigError as exc:  # a rotation half done: keep the channels we have until the files change again
+                self._failed_stamp = stamp
+                log.warning("credential files changed but cannot be used yet: %s", exc)
+                return
+            self._stamp = stamp
+        log.info("%s: credential files changed; new channels to the generator and scorer", self.service)
+
+    @property
+    def generator(self) -> generator_pb2_grpc.GeneratorServiceStub:
+        self._refresh()
+        return self._generator
+
+    @property
+    def scorer(self) -> scorer_pb2_grpc.ScorerServiceStub:
+        self._refresh()
+        return self._scorer
 
 
 class RemoteWorld:

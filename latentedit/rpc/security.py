@@ -352,6 +352,7 @@ class ClientSecurity:
     cert_file: str = ""  # client certificate, for servers that require one
     key_file: str = ""
     token: str = field(default="", repr=False)
+    token_file: str = ""  # read when credentials are made (no `token`): a new token needs no restart
 
     @classmethod
     def from_args(cls, token: str | None = None, ca_file: str | None = None, cert_file: str | None = None,
@@ -375,22 +376,41 @@ class ClientSecurity:
         if is_insecure(config):
             return cls()
         token = os.environ.get(SERVICE_TOKEN_ENV, "").strip()
-        if not token and config.service_token_file:
-            token = _read(config.service_token_file, "service_token_file").decode().strip()
-        if not token:
+        token_file = "" if token else config.service_token_file
+        if not token and not (token_file and _read(token_file, "service_token_file").strip()):
             raise SecurityConfigError(f"config.security: the {service} calls the generator and scorer with its own token: "
                                       f"set security.service_token_file or {SERVICE_TOKEN_ENV} (scopes: generate, score)")
         cert, key = ((config.client_cert_file, config.client_key_file) if config.client_cert_file
                      else (config.cert_file, config.key_file))
-        return cls(True, config.ca_file, cert, key, token)
+        security = cls(True, config.ca_file, cert, key, token, token_file)
+        security.channel_credentials()  # unreadable files or a key that does not fit: one line at start
+        return security
+
+    def files_stamp(self) -> tuple | None:
+        """(path, mtime, size, inode) of every file these credentials read; None while one is missing."""
+        stamps = []
+        for path in (self.ca_file, self.cert_file, self.key_file, self.token_file):
+            if path:
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    return None
+                stamps.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Raises SecurityConfigError when a file cannot be read or the key does not fit the certificate."""
         root = _read(self.ca_file, "ca_file") if self.ca_file else None
         key = _read(self.key_file, "client_key_file") if self.key_file else None
         chain = _read(self.cert_file, "client_cert_file") if self.cert_file else None
+        if key is not None and chain is not None:
+            _check_pair(chain, key, f"client certificate {self.cert_file} / {self.key_file}")
         credentials = grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
-        if self.token:
-            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(self.token))
+        token = self.token or (_read(self.token_file, "service_token_file").decode().strip() if self.token_file else "")
+        if self.token_file and not token:
+            raise SecurityConfigError(f"config.security.service_token_file: {self.token_file} is empty")
+        if token:
+            credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
         return credentials
 
 
