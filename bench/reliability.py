@@ -8,7 +8,9 @@ section of bench/RESULTS.md.
 Defaults run in under 15 minutes on 2 CPU cores. `--soak 10000` is the long soak.
 
 - corpus: tests/corpus.py (the same cases as tests/test_bad_input_corpus.py), each followed by a
-  valid call to the same service; the findings go to --findings.
+  valid call to the same service; the findings go to --findings. With --baseline COMMIT the same
+  corpus also runs against the services of that commit (git archive), to list what was wrong
+  before the fixes.
 - overload: --overload-callers concurrent Synthesize calls of 1024 rows (PNG) at the generator,
   and as many Score calls of 256 images at the scorer, all released at once; the codes, how fast
   refusals and admissions are answered, and the service's RSS before, at its peak during the
