@@ -561,6 +561,80 @@ def test_tls_exec_probe_speaks_to_a_mutual_tls_server(tools: None, tmp_path: Pat
         server.stop(None)
 
 
+TLS_SETS = ("tls.enabled=true", "tls.secretName=le-tls", "tls.mutual=true", "tls.clientSecretName=le-client-tls",
+            "tokens.serviceToken=local-service-token-0123456789", "tokens.testToken=local-test-token-0123456789")
+SECURITY_ENV = ("LATENTEDIT_INSECURE", "LATENTEDIT_TOKENS", "LATENTEDIT_SERVICE_TOKEN", "LATENTEDIT_TOKEN", "LATENTEDIT_CA",
+                "LATENTEDIT_CERT", "LATENTEDIT_KEY", "LATENTEDIT_REPOSITORY")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rendered_tls_config_serves_and_the_helm_test_script_passes(tools: None, fresh_repo: Any, tmp_path: Path) -> None:
+    """What a cluster would run, on loopback: the chart's config.yaml (mutual TLS, tokens from its
+    Secret) starts the four services as processes, the TLS exec probe reports them, and the helm
+    test pod's script (health of each service, a PCA job, one edit) passes. Only what a pod cannot
+    have here is changed: /etc/latentedit -> a folder, the repository, ports, and the in-cluster
+    names -> localhost (the dns:/// scheme stays)."""
+    from latentedit.rpc.security import make_certs
+    from tests.conftest import free_port
+
+    docs = render("default", *TLS_SETS)
+    etc = tmp_path / "etc" / "latentedit"
+    paths = make_certs(tmp_path / "pki", hosts=("localhost",), tokens=False)
+    files = {
+        "tls/tls.crt": paths["server.crt"], "tls/tls.key": paths["server.key"], "tls/ca.crt": paths["ca.crt"],
+        "client-tls/tls.crt": paths["client.crt"], "client-tls/tls.key": paths["client.key"],
+    }
+    for name, source in files.items():
+        (etc / name).parent.mkdir(parents=True, exist_ok=True)
+        (etc / name).write_bytes(source.read_bytes())
+    (etc / "tokens").mkdir()
+    for key, text in one(docs, "Secret", f"{PREFIX}-tokens")["stringData"].items():
+        (etc / "tokens" / key).write_text(text)
+    (etc / "config").mkdir()
+    for key, text in one(docs, "ConfigMap", f"{PREFIX}-config")["data"].items():
+        (etc / "config" / key).write_text(text.replace("/etc/latentedit", str(etc)))
+    config = yaml.safe_load((etc / "config" / "config.yaml").read_text())
+    ports = {name: free_port() for name in SERVICES}
+    config["repository"] = str(fresh_repo.root)
+    for name, port in ports.items():
+        config["services"][name]["port"] = port
+        scheme = "dns:///" if config["addresses"][name].startswith("dns:///") else ""
+        config["addresses"][name] = f"{scheme}localhost:{port}"
+    config["observability"]["metrics_port"] = 0  # four processes on one host
+    config["generator"]["poll_interval_s"] = 1
+    (etc / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert config["security"]["require_client_cert"] is True and config["security"]["insecure"] is False
+
+    env = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}
+    env.update(PYTHONUNBUFFERED="1", PATH=f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}")
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen([sys.executable, "-m", "latentedit", "--config", str(etc / "config" / "config.yaml"), "serve"],
+                               cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        pod = one(docs, "Pod", f"{PREFIX}-test")
+        script = pod["spec"]["containers"][0]["args"][0].replace("/etc/latentedit", str(etc))
+        script = script.replace("/tmp/helm-test-edit", str(tmp_path / "helm-test-edit"))
+        done = subprocess.run(["/bin/sh", "-ec", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480)
+        assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}\nserve log:\n{log.read_text()[-3000:]}"
+        assert "all SERVING" in done.stdout
+        assert list(tmp_path.glob("helm-test-edit*")), done.stdout
+        probe_env = {**env, "LATENTEDIT_PROBE_SERVER_NAME": "localhost"}
+        for name, port in ports.items():
+            container = workload(docs, name)["spec"]["template"]["spec"]["containers"][0]
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                command = [part.replace("/etc/latentedit", str(etc)) for part in container[probe]["exec"]["command"]]
+                command[0], command[2] = sys.executable, str(port)
+                checked = subprocess.run(command, env=probe_env, capture_output=True, text=True, timeout=60)
+                assert checked.returncode == 0, (name, probe, checked.stderr)
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def test_deploy_has_one_source_of_manifests() -> None:
     """deploy/k8s (hand-written kustomize) is gone: `helm template` is the way to plain manifests."""
     assert not (ROOT / "deploy" / "k8s").exists()
