@@ -459,3 +459,45 @@ def test_a_services_own_credentials_are_read_again_when_their_files_change(secur
 
     os.replace(shutil.copy(paths["client.key"], tmp_path / "incoming.key"), key)
     assert services.generator.ListModels(generator_pb2.ListModelsRequest(), timeout=20).models
+
+
+def test_the_tokens_file_is_read_again_when_it_changes(secure_suite, tmp_path, monkeypatch):
+    """An editor (in this process) serving with its own tokens file: a token removed from the file
+    is refused on the next call and a token added is accepted, without a restart; a file that
+    does not parse keeps the tokens in use."""
+    from latentedit.config import load_config
+    from latentedit.rpc.launch import build_service
+
+    config_path, ports, (paths, _, _) = secure_suite
+    old, new = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+    tokens_file = tmp_path / "tokens.txt"
+    tokens_file.write_text(f"caller edit {old}\n")
+    raw = yaml.safe_load(config_path.read_text())
+    raw["services"] = {"editor": {"port": 0}}
+    raw["addresses"] = {"generator": f"localhost:{ports['generator']}", "scorer": f"localhost:{ports['scorer']}"}
+    raw["security"]["tokens_file"] = str(tokens_file)
+    path = tmp_path / "editor.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for name in SECURITY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    host = build_service("editor", load_config(path))
+
+    def list_edits(token: str) -> grpc.StatusCode:
+        stub = editor_pb2_grpc.EditorServiceStub(_channel(host.port, paths, token))
+        try:
+            stub.ListEdits(editor_pb2.ListEditsRequest(), timeout=30)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    try:
+        assert (list_edits(old), list_edits(new)) == (grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED)
+        staged = tmp_path / "tokens.new"
+        staged.write_text(f"caller edit {new}\n")
+        os.replace(staged, tokens_file)
+        assert (list_edits(old), list_edits(new)) == (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK)
+        staged.write_text(f"caller edit,nonsense {old}\n")
+        os.replace(staged, tokens_file)
+        assert (list_edits(old), list_edits(new)) == (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK)
+    finally:
+        host.stop(0)

@@ -9,9 +9,10 @@
 - The editor and the trainer call the generator and the scorer with their own service token
   and client certificate (`ClientSecurity.for_service`), never with their caller's.
 
-Token definitions (`security.tokens_file`, and LATENTEDIT_TOKENS with the same lines separated
-by newlines or ';'): one `NAME SCOPES TOKEN` a line, SCOPES comma-separated among `SCOPES`,
-TOKEN at least 16 characters; '#' starts a comment. `admin` grants every scope.
+Token definitions (`security.tokens_file`, read again when it changes, and LATENTEDIT_TOKENS
+with the same lines separated by newlines or ';'): one `NAME SCOPES TOKEN` a line, SCOPES
+comma-separated among `SCOPES`, TOKEN at least 16 characters; '#' starts a comment. `admin`
+grants every scope.
 """
 
 from __future__ import annotations
@@ -136,21 +137,58 @@ class TokenSet:
         return found
 
 
-def load_tokens(config: SecurityConfig) -> TokenSet:
-    tokens: list[Token] = []
-    if config.tokens_file:
-        path = Path(config.tokens_file)
+class TokenSource:
+    """The accepted tokens: `tokens_file`, read again when it changes (mtime, size, inode), plus
+    LATENTEDIT_TOKENS (read at start). A changed file that does not parse keeps the tokens in use."""
+
+    def __init__(self, config: SecurityConfig) -> None:
+        self.path = config.tokens_file
+        self.env_text = os.environ.get(TOKENS_ENV, "")
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._stamp = self._stamp_now()
+        self._failed_stamp: tuple | None = None
+        self.tokens = self._load()
+
+    def _stamp_now(self) -> tuple | None:
         try:
-            text = path.read_text()
-        except OSError as exc:
-            raise SecurityConfigError(f"config.security.tokens_file: cannot read {path}: {exc.strerror}") from None
-        tokens += parse_tokens(text, f"tokens file {path}")
-    if os.environ.get(TOKENS_ENV):
-        tokens += parse_tokens(os.environ[TOKENS_ENV], TOKENS_ENV)
-    if not tokens:
-        raise SecurityConfigError(f"config.security: no bearer tokens defined: set security.tokens_file or {TOKENS_ENV} "
-                                  "('NAME SCOPES TOKEN' lines), or `insecure: true` for a local plaintext set-up")
-    return TokenSet(tokens)
+            st = os.stat(self.path) if self.path else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
+
+    def _load(self) -> TokenSet:
+        tokens: list[Token] = []
+        if self.path:
+            try:
+                text = Path(self.path).read_text()
+            except OSError as exc:
+                raise SecurityConfigError(f"config.security.tokens_file: cannot read {self.path}: {exc.strerror}") from None
+            tokens += parse_tokens(text, f"tokens file {self.path}")
+        if self.env_text:
+            tokens += parse_tokens(self.env_text, TOKENS_ENV)
+        if not tokens:
+            raise SecurityConfigError(f"config.security: no bearer tokens defined: set security.tokens_file or {TOKENS_ENV} "
+                                      "('NAME SCOPES TOKEN' lines), or `insecure: true` for a local plaintext set-up")
+        return TokenSet(tokens)
+
+    def current(self) -> TokenSet:
+        stamp = self._stamp_now()
+        if stamp is None or stamp in (self._stamp, self._failed_stamp):
+            return self.tokens
+        with self._lock:
+            if stamp in (self._stamp, self._failed_stamp):
+                return self.tokens
+            try:
+                self.tokens = self._load()
+            except SecurityConfigError as exc:
+                self._failed_stamp = stamp
+                log.warning("the tokens file changed but cannot be used (keeping the tokens in use): %s", exc)
+                return self.tokens
+            self._stamp = stamp
+            self.reloads += 1
+        log.info("reloaded the tokens file %s: %d token(s)", self.path, len(self.tokens.tokens))
+        return self.tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +217,7 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 class AuthInterceptor(grpc.ServerInterceptor):
     """The one place tokens are checked: every RPC of ours needs a token with its scope."""
 
-    def __init__(self, tokens: TokenSet) -> None:
+    def __init__(self, tokens: TokenSource) -> None:
         self.tokens = tokens
 
     def check(self, method: str, metadata: Iterable[tuple[str, Any]]) -> tuple[grpc.StatusCode, str] | None:
@@ -198,7 +236,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         kind, _, presented = value.partition(" ")
         if kind.lower() != "bearer" or not presented.strip():
             return grpc.StatusCode.UNAUTHENTICATED, f"the authorization metadata is not 'Bearer <token>': {needs}"
-        token = self.tokens.find(presented.strip())
+        token = self.tokens.current().find(presented.strip())
         if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, f"the bearer token is not valid: {needs}"
         if not token.grants(scope):
@@ -295,7 +333,7 @@ class CertificateFiles:
 class ServerSecurity:
     """What a server needs when security is on."""
 
-    tokens: TokenSet
+    tokens: TokenSource
     certificates: CertificateFiles
     require_client_cert: bool
 
@@ -330,7 +368,7 @@ def resolve(config: SecurityConfig) -> ServerSecurity | None:
             "refusing to serve in plaintext (`latentedit certs make DIR` makes a local CA, see config/secure-local.yaml)")
     if config.require_client_cert and not config.ca_file:
         raise SecurityConfigError("config.security: require_client_cert needs ca_file (the CA that signs client certificates)")
-    tokens = load_tokens(config)
+    tokens = TokenSource(config)
     try:
         certificates = CertificateFiles(config.cert_file, config.key_file, config.ca_file)
     except FileNotFoundError as exc:

@@ -212,7 +212,7 @@ class ServiceHost:
         if self.security is None:
             return "plaintext, no tokens"
         mode = "mutual TLS" if self.security.require_client_cert else "TLS"
-        return f"{mode}, {len(self.security.tokens.tokens)} bearer token(s), certificate {self.security.certificates.description}"
+        return f"{mode}, {len(self.security.tokens.current().tokens)} bearer token(s), certificate {self.security.certificates.description}"
 
     def set_serving(self, serving: bool) -> None:
         """Readiness: "" and each service name. "liveness" is SERVING while the process runs."""
