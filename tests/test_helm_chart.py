@@ -153,7 +153,10 @@ def test_rendered_objects_validate_strictly(tools: None, variant: str) -> None:
 def test_values_that_cannot_work_fail_to_render(tools: None) -> None:
     cases = {
         ("trainer.replicas=3",): "allows exactly one trainer",
-        ("trainer.jobStore=mysql",): "must be sqlite or postgres",
+        ("trainer.jobStore=mysql",): "value must be one of 'sqlite', 'postgres'",  # values.schema.json
+        ("generater.replicas=3",): "additional properties 'generater' not allowed",  # a typo is an error
+        ("generator.gpu.backend=cuda",): "value must be one of 'auto', 'torch', 'tensorrt', 'onnxruntime'",
+        ("tokens.extra={short token}",): "tokens/extra/0",
         ("trainer.jobStore=postgres",): "needs trainer.postgres.dsnSecret.name",
         ("tls.enabled=true",): "needs tls.secretName",
     }
