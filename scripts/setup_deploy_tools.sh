@@ -57,7 +57,8 @@ ln -sfn "$(cd "$(dirname "$HELM")" && pwd)/helm" "$VENV/bin/helm"
 
 if ! "$VENV/bin/python" -c 'import kubernetes_validate' 2>/dev/null; then
   echo "[deploy-tools] pip install $KUBERNETES_VALIDATE"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$KUBERNETES_VALIDATE" \
+  # Constrained by the lock: its pins (PyYAML, packaging, typing_extensions) are never moved.
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c requirements.lock "$KUBERNETES_VALIDATE" \
     2> >(grep -v "is ignored: it is neither" >&2)
 fi
 echo "[deploy-tools] helm $HELM_VERSION and kubernetes-validate ready"
