@@ -21,7 +21,7 @@ def _config(args: argparse.Namespace):
 
 def _connect(args: argparse.Namespace, address: str):
     """A channel with the caller's credentials: --token / --token-file / LATENTEDIT_TOKEN, and
-    --ca, --cert, --key (or LATENTEDIT_CA, _CERT, _KEY, then the config's ca_file and
+    --ca, --client-cert, --client-key (or LATENTEDIT_CA, _CERT, _KEY, then the config's ca_file and
     client_cert_file / client_key_file). TLS unless the config is insecure and no CA is given."""
     import os
 
@@ -34,8 +34,8 @@ def _connect(args: argparse.Namespace, address: str):
     if token is None and args.token_file:
         token = Path(args.token_file).read_text().strip()
     ca = args.ca or os.environ.get(sec.CA_ENV) or (config.ca_file if secure else "")
-    cert = args.cert or os.environ.get(sec.CERT_ENV) or (config.client_cert_file if secure else "")
-    key = args.key or os.environ.get(sec.KEY_ENV) or (config.client_key_file if secure else "")
+    cert = args.client_cert or os.environ.get(sec.CERT_ENV) or (config.client_cert_file if secure else "")
+    key = args.client_key or os.environ.get(sec.KEY_ENV) or (config.client_key_file if secure else "")
     return connect(address, token, ca, cert_file=cert, key_file=key, tls=secure or bool(ca or cert), service="cli")
 
 
@@ -464,9 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token-file", default=None, help="read the bearer token from this file")
     parser.add_argument("--ca", default=None, help="CA file that verifies the services' certificates "
                         "(default: $LATENTEDIT_CA, then the config's security.ca_file)")
-    parser.add_argument("--cert", default=None, help="client certificate, for mutual TLS (default: $LATENTEDIT_CERT, "
-                        "then the config's security.client_cert_file)")
-    parser.add_argument("--key", default=None, help="client key, for mutual TLS (default: $LATENTEDIT_KEY)")
+    # Not --cert/--key: `train --key` is the idempotency key, and one dest would clobber the other.
+    parser.add_argument("--client-cert", default=None, help="client certificate, for mutual TLS (default: "
+                        "$LATENTEDIT_CERT, then the config's security.client_cert_file)")
+    parser.add_argument("--client-key", default=None, help="client key, for mutual TLS (default: $LATENTEDIT_KEY, then "
+                        "the config's security.client_key_file)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve one service in this process, or several as child processes")

@@ -501,3 +501,22 @@ def test_the_tokens_file_is_read_again_when_it_changes(secure_suite, tmp_path, m
         assert (list_edits(old), list_edits(new)) == (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK)
     finally:
         host.stop(0)
+
+
+def test_the_clis_client_certificate_flags_do_not_clash_with_train_key(monkeypatch, pki):
+    """`train ... --key K` is the job's idempotency key; the client key is `--client-key`: a
+    train command on a plaintext config connects, and one on a TLS config gets the client pair."""
+    from latentedit import cli
+
+    paths, _, _ = pki
+    monkeypatch.setenv("LATENTEDIT_INSECURE", "1")
+    for name in ("LATENTEDIT_TOKEN", "LATENTEDIT_CA", "LATENTEDIT_CERT", "LATENTEDIT_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    train = ["train", "boundary", "--head", "pose", "--output", "yaw", "--key", "retry-me"]
+    args = cli.build_parser().parse_args(train)
+    assert args.key == "retry-me" and args.client_key is None
+    cli._connect(args, "localhost:1").close()  # plaintext: no certificate pair half given
+    args = cli.build_parser().parse_args(["--ca", str(paths["ca.crt"]), "--client-cert", str(paths["client.crt"]),
+                                          "--client-key", str(paths["client.key"]), *train])
+    assert (args.key, args.client_key) == ("retry-me", str(paths["client.key"]))
+    cli._connect(args, "localhost:1").close()

@@ -403,7 +403,7 @@ class ClientSecurity:
         key_file = key_file if key_file is not None else os.environ.get(KEY_ENV, "")
         use_tls = bool(ca_file or cert_file) if tls is None else tls
         if bool(cert_file) != bool(key_file):
-            raise SecurityConfigError("a client certificate needs both its certificate and key files (--cert and --key)")
+            raise SecurityConfigError("a client certificate needs both its certificate and key files (--client-cert and --client-key, or LATENTEDIT_CERT and LATENTEDIT_KEY)")
         if token and not use_tls:
             raise SecurityConfigError(f"a bearer token is only sent over TLS: give the servers' CA (--ca or {CA_ENV})")
         return cls(use_tls, ca_file or "", cert_file or "", key_file or "", token or "")
