@@ -39,7 +39,7 @@ def served(names: list[str], repository: str, sections: dict[str, Any] | None = 
     ports = {name: free_port() for name in names}
     config = Path(tempfile.mkdtemp()) / "bench.yaml"
     config.write_text(yaml.safe_dump({"repository": repository, "services": {n: {"port": p} for n, p in ports.items()},
-                                      **(sections or {})}))
+                                      "security": {"insecure": True}, **(sections or {})}))  # loopback benchmarks: plaintext
     process = subprocess.Popen([sys.executable, "-m", "latentedit", "--config", str(config), "serve", *names], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -19,10 +19,10 @@ import numpy as np
 
 from latentedit import wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc, types_pb2
-from latentedit.errors import Cancelled, DeadlineExceeded, FailedPrecondition, NotFound
+from latentedit.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from latentedit.latents import Latents
 from latentedit.models.generator import IMAGE_LAYER, StagedGenerator
-from latentedit.repository import ModelRepository
+from latentedit.repository import ModelRepository, validate_name
 from latentedit.rpc.client import connect, dependency
 from latentedit.rpc.security import ClientSecurity, SecurityConfigError
 from latentedit.scoring.base import OutputSpec
@@ -180,6 +180,11 @@ class RemoteWorld:
         return types_pb2.ModelRef(name=generator.name, version=generator.version)
 
     def generator(self, name: str = "", version: int = 0) -> GeneratorInfo:
+        # Checked here as well as by the repository, so every World caller gets the same answer.
+        if name:
+            validate_name(name, "generator.name")
+        if version < 0:
+            raise InvalidArgument(f"generator.version {version} is negative")
         response = self._generator_call(self.services.generator.ListModels, generator_pb2.ListModelsRequest())
         wanted = name or response.default_model
         for info in response.models:
