@@ -1,4 +1,12 @@
-"""Runs jobs on worker threads, reporting progress into the store; cancellation is cooperative."""
+"""Runs jobs on worker threads, reporting progress into the store; cancellation is cooperative.
+
+A job runs once this runner has claimed it in the store (QUEUED -> RUNNING, atomically). With a
+shared store (PostgreSQL, several trainers) a coordinator thread also, every lease / 3:
+heartbeats the jobs this trainer runs (and stops those cancelled through another replica, or no
+longer its own), requeues jobs whose owner's lease expired, and claims queued jobs for idle
+workers (resolving each through `deps`, as a restart does). On shutdown a shared store gets the
+running jobs back as QUEUED for another trainer; SQLite marks them FAILED ("interrupted").
+"""
 
 from __future__ import annotations
 
@@ -8,28 +16,40 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latentedit.api.v1 import trainer_pb2
 from latentedit.errors import Cancelled, LatentEditError, cap_message
-from trainer_svc.store import JobStore, now
+from trainer_svc.store import mark_finished
+from trainer_svc.stores import JobStoreBackend, instance_id
+
+if TYPE_CHECKING:
+    from trainer_svc.jobs import Dependencies
 
 log = logging.getLogger(__name__)
 
 
 class JobCancelled(Cancelled):
+    def __init__(self, message: str = "the job was cancelled") -> None:
+        super().__init__(message)
+
+
+class JobLost(JobCancelled):
+    """This trainer no longer owns the job (its lease expired and another trainer took it)."""
+
     def __init__(self) -> None:
-        super().__init__("the job was cancelled")
+        super().__init__("this trainer no longer owns the job")
 
 
 @dataclass
 class JobContext:
     """What a job body sees (the methods' `Progress`): progress reporting and the cancellation check."""
 
-    store: JobStore
+    store: JobStoreBackend
     job_id: str
     cancel: threading.Event
     messages: dict[str, str]
+    owner: str | None = None
     started: float = field(default_factory=time.monotonic)
     _on_cancel: list[Callable[[], None]] = field(default_factory=list)
 
@@ -56,7 +76,8 @@ class JobContext:
         for key, value in (metrics or {}).items():
             job.metrics[key] = float(value)
         self.messages[self.job_id] = message or phase
-        self.store.save(job)
+        if not self.store.save(job, owner=self.owner):
+            raise JobLost()
 
 
 # A job body: (context, validated parameters) -> ArtifactRef.
@@ -64,48 +85,75 @@ JobBody = Callable[[JobContext, Any], trainer_pb2.ArtifactRef]
 
 
 class JobRunner:
-    def __init__(self, store: JobStore, workers: int = 1) -> None:
+    def __init__(self, store: JobStoreBackend, workers: int = 1, deps: Dependencies | None = None,
+                 owner: str | None = None) -> None:
         self.store = store
+        self.workers = workers
+        self.deps = deps  # resolves jobs claimed from a shared store (None: only submitted jobs run)
+        self.owner = owner or instance_id()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
-        self._contexts: dict[str, JobContext] = {}
+        self._contexts: dict[str, JobContext] = {}  # submitted here and not done (queued locally or running)
         self.messages: dict[str, str] = {}
         self._shutting_down = False
         self._starting = threading.Lock()  # a job starts (QUEUED -> RUNNING) or the runner shuts down, not both
+        self._wake = threading.Event()  # set to make the coordinator act now (a worker freed, shutdown)
+        self._coordinator: threading.Thread | None = None
+        if store.shared:
+            self._coordinator = threading.Thread(target=self._coordinate, name="job-coordinator", daemon=True)
+            self._coordinator.start()
+
+    def _context(self, job_id: str) -> JobContext:
+        context = JobContext(self.store, job_id, threading.Event(), self.messages, owner=self.owner if self.store.shared else None)
+        self._contexts[job_id] = context
+        return context
 
     def submit(self, job_id: str, body: JobBody, params: Any) -> None:
-        self._contexts[job_id] = JobContext(self.store, job_id, threading.Event(), self.messages)
-        self._pool.submit(self._run, job_id, body, params)
+        """Runs a queued job here unless another trainer claims it first."""
+        self._context(job_id)
+        self._pool.submit(self._run, job_id, body, params, False)
 
     def cancel(self, job_id: str) -> trainer_pb2.Job:
-        job = self.store.get(job_id)
-        if job.state in (trainer_pb2.JOB_STATE_QUEUED, trainer_pb2.JOB_STATE_RUNNING):
-            context = self._contexts.get(job_id)
-            if context is not None:
-                context.request_cancel()
-            if job.state == trainer_pb2.JOB_STATE_QUEUED:
-                self._finish(job, trainer_pb2.JOB_STATE_CANCELLED, "cancelled before it started")
+        """A queued job is CANCELLED at once (atomically: no trainer starts it afterwards); a
+        running one is stopped by its owner: here at once, elsewhere at its next heartbeat."""
+        job = self.store.request_cancel(job_id)
+        if job.state == trainer_pb2.JOB_STATE_CANCELLED:
+            self.messages.setdefault(job_id, job.phase)
+        context = self._contexts.get(job_id)
+        if context is not None:
+            context.request_cancel()
         return self.store.get(job_id)
 
-    def _run(self, job_id: str, body: JobBody, params: Any) -> None:
-        with self._starting:
-            job = self.store.get(job_id)
-            if job.state != trainer_pb2.JOB_STATE_QUEUED or self._shutting_down:
-                # Cancelled while queued; or the trainer is stopping, and a queued job stays queued
-                # for the next start to run (a worker freed by an interrupted job must not start it).
-                self._contexts.pop(job_id, None)
-                return
+    def _run(self, job_id: str, body: JobBody, params: Any, claimed: bool) -> None:
+        try:
+            with self._starting:
+                if self._shutting_down:
+                    # A queued job stays queued for the next start (or another trainer) to run; a
+                    # job claimed by the coordinator goes back to the queue.
+                    if claimed:
+                        self.store.release(job_id, self.owner)
+                    return
+                if not claimed and self.store.claim(job_id, self.owner) is None:
+                    return  # cancelled while queued, or another trainer runs it
             context = self._contexts[job_id]
-            job.state = trainer_pb2.JOB_STATE_RUNNING
-            job.phase = "starting"
-            job.started_at.CopyFrom(now())
-            self.store.save(job)
+            if self.store.cancel_requested(job_id):
+                context.request_cancel()
+            self._execute(context, body, params)
+        finally:
+            self._contexts.pop(job_id, None)
+            self._wake.set()  # a worker is free: the coordinator may claim a queued job
+
+    def _execute(self, context: JobContext, body: JobBody, params: Any) -> None:
+        job_id = context.job_id
         context.started = time.monotonic()
         try:
             artifact = body(context, params)
-        except Cancelled:
-            if self._shutting_down:
-                self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_FAILED, "interrupted",
-                             "interrupted: the trainer shut down while this job was running; start it again with a new idempotency key")
+        except Cancelled as exc:
+            if isinstance(exc, JobLost):
+                log.warning("job %s: %s; stopped here", job_id, exc.message)
+            elif self._shutting_down:
+                if not (self.store.shared and self.store.release(job_id, self.owner)):
+                    self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_FAILED, "interrupted",
+                                 "interrupted: the trainer shut down while this job was running; start it again with a new idempotency key")
             else:
                 self._finish(self.store.get(job_id), trainer_pb2.JOB_STATE_CANCELLED, "cancelled")
         except LatentEditError as exc:
@@ -118,23 +166,71 @@ class JobRunner:
             job.artifact.CopyFrom(artifact)
             job.progress = 1.0
             self._finish(job, trainer_pb2.JOB_STATE_SUCCEEDED, "done")
-        finally:
-            self._contexts.pop(job_id, None)
 
     def _finish(self, job: trainer_pb2.Job, state: int, phase: str, error: str = "") -> None:
-        job.state = state
-        job.phase = phase
-        job.error = error
-        job.eta_seconds = 0
-        job.finished_at.CopyFrom(now())
+        mark_finished(job, state, phase, error)
         self.messages[job.id] = error or phase
-        self.store.save(job)
+        if not self.store.save(job, owner=self.owner if self.store.shared else None):
+            log.warning("job %s: not recorded as %s; another trainer owns it now", job.id, phase)
+
+    # -- shared stores -----------------------------------------------------------------------
+
+    def _coordinate(self) -> None:
+        interval = max(0.05, self.store.lease_s / 3)
+        while not self._shutting_down:
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - e.g. the database restarting; try again next round
+                log.exception("job store coordination failed; retrying in %.1f s", interval)
+            self._wake.wait(interval)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        """One round of heartbeats, lease expiry and claims (the coordinator's loop body)."""
+        running = [job_id for job_id, c in list(self._contexts.items()) if not c.cancel.is_set()]
+        for job_id in self.store.heartbeat(self.owner, running):
+            context = self._contexts.get(job_id)
+            if context is not None:
+                context.request_cancel()
+        self.store.requeue_expired()
+        while self.deps is not None and not self._shutting_down and len(self._contexts) < self.workers:
+            with self._starting:
+                if self._shutting_down:
+                    return
+                job = self.store.claim_next(self.owner)
+                if job is None:
+                    return
+                self._context(job.id)
+            try:
+                params, body = self._resolve(job)
+            except Exception as exc:  # noqa: BLE001 - e.g. an artifact it needs was removed
+                self._contexts.pop(job.id, None)
+                self._finish(job, trainer_pb2.JOB_STATE_FAILED, "failed", cap_message(f"could not resume the job: {exc}"))
+                continue
+            self.messages[job.id] = "starting"
+            self._pool.submit(self._run, job.id, body, params, True)
+
+    def _resolve(self, job: trainer_pb2.Job) -> tuple[Any, JobBody]:
+        from latentedit.rpc.remote_world import CallScope, RemoteWorld
+        from trainer_svc import jobs  # it imports this module
+
+        assert self.deps is not None
+        world = RemoteWorld(self.deps.services, CallScope(None, max_call_s=30.0, what=f"resuming job {job.id}"))
+        return jobs.validate(job.request, world, self.deps)
 
     def close(self) -> None:
         """Interrupt the running jobs; queued ones stay QUEUED in the store (the next start runs them)."""
         with self._starting:
             self._shutting_down = True
+        self._wake.set()
+        if self._coordinator is not None:
+            self._coordinator.join(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
         for context in list(self._contexts.values()):
             context.request_cancel()
         self._pool.shutdown(wait=True)
+        # Jobs the coordinator claimed whose run never started (cancelled futures) go back to the queue.
+        for job_id in list(self._contexts):
+            if self.store.shared:
+                self.store.release(job_id, self.owner)
+            self._contexts.pop(job_id, None)

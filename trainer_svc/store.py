@@ -1,9 +1,10 @@
 """Job records in SQLite inside the model repository (`<repo>/.jobs/jobs.sqlite3`).
 
-Each record is the Job message itself (serialised) plus the indexed columns that queries
-need. Writes are transactions, so a trainer killed at any moment leaves every record intact;
-on start-up, jobs that were running are marked failed with the reason, and queued jobs are
-handed back to the runner.
+The embedded default backend of `trainer_svc.stores.JobStoreBackend`, for ONE trainer process
+(several trainers: `trainer_svc.postgres_store`). Each record is the Job message itself
+(serialised) plus the indexed columns that queries need. Writes are transactions, so a trainer
+killed at any moment leaves every record intact; on start-up, jobs that were running are marked
+failed with the reason, and queued jobs are handed back to the runner.
 """
 
 from __future__ import annotations
@@ -23,13 +24,66 @@ from latentedit.repository import validate_name
 TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
 
 
+INTERRUPTED = "interrupted: the trainer stopped while this job was running; start it again with a new idempotency key"
+
+
 def now() -> Timestamp:
     stamp = Timestamp()
     stamp.GetCurrentTime()
     return stamp
 
 
+def new_job(request: trainer_pb2.StartJobRequest) -> trainer_pb2.Job:
+    return trainer_pb2.Job(
+        id=f"job-{uuid.uuid4().hex[:12]}",
+        idempotency_key=request.idempotency_key,
+        display_name=request.display_name,
+        state=trainer_pb2.JOB_STATE_QUEUED,
+        phase="queued",
+        eta_seconds=-1,
+        request=request,
+        created_at=now(),
+    )
+
+
+def same_key_check(existing: trainer_pb2.Job, request: trainer_pb2.StartJobRequest) -> trainer_pb2.Job:
+    if existing.request != request:
+        raise InvalidArgument(f"idempotency_key {shown(request.idempotency_key)} was used for job {existing.id} with a different spec")
+    return existing
+
+
+def mark_running(job: trainer_pb2.Job) -> trainer_pb2.Job:
+    job.state = trainer_pb2.JOB_STATE_RUNNING
+    job.phase = "starting"
+    job.error = ""
+    job.started_at.CopyFrom(now())
+    return job
+
+
+def mark_finished(job: trainer_pb2.Job, state: int, phase: str, error: str = "") -> trainer_pb2.Job:
+    job.state = state
+    job.phase = phase
+    job.error = error
+    job.eta_seconds = 0
+    job.finished_at.CopyFrom(now())
+    return job
+
+
+def mark_requeued(job: trainer_pb2.Job, phase: str) -> trainer_pb2.Job:
+    job.state = trainer_pb2.JOB_STATE_QUEUED
+    job.phase = phase
+    job.progress = 0.0
+    job.eta_seconds = -1
+    job.ClearField("started_at")
+    return job
+
+
 class JobStore:
+    """SQLite backend (one trainer process; `shared` is False: no leases, nothing to requeue)."""
+
+    shared = False
+    lease_s = 0.0
+
     def __init__(self, repository_root: Path) -> None:
         folder = Path(repository_root) / ".jobs"
         folder.mkdir(parents=True, exist_ok=True)
@@ -42,16 +96,14 @@ class JobStore:
         )
         self._lock = threading.Lock()
         self.changed = threading.Condition()  # notified on every update (WatchJob waits on it)
+        self._cancel_requested: set[str] = set()  # one process: the flags live in memory
 
     def find_by_key(self, request: trainer_pb2.StartJobRequest) -> trainer_pb2.Job | None:
         """The job started with this request's idempotency key; a different spec is an error."""
         row = self._db.execute("SELECT record FROM jobs WHERE idempotency_key = ?", (request.idempotency_key,)).fetchone()
         if row is None:
             return None
-        existing = trainer_pb2.Job.FromString(row[0])
-        if existing.request != request:
-            raise InvalidArgument(f"idempotency_key {shown(request.idempotency_key)} was used for job {existing.id} with a different spec")
-        return existing
+        return same_key_check(trainer_pb2.Job.FromString(row[0]), request)
 
     def create(self, request: trainer_pb2.StartJobRequest) -> tuple[trainer_pb2.Job, bool]:
         """(job, created): an existing job with the same idempotency key is returned as is."""
@@ -60,16 +112,7 @@ class JobStore:
                 existing = self.find_by_key(request)
                 if existing is not None:
                     return existing, False
-            job = trainer_pb2.Job(
-                id=f"job-{uuid.uuid4().hex[:12]}",
-                idempotency_key=request.idempotency_key,
-                display_name=request.display_name,
-                state=trainer_pb2.JOB_STATE_QUEUED,
-                phase="queued",
-                eta_seconds=-1,
-                request=request,
-                created_at=now(),
-            )
+            job = new_job(request)
             self._db.execute(
                 "INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
                 (job.id, request.idempotency_key or None, job.state, time.time(), job.SerializeToString()),
@@ -84,10 +127,65 @@ class JobStore:
             raise NotFound(f"no job with id {job_id!r}")
         return trainer_pb2.Job.FromString(row[0])
 
-    def save(self, job: trainer_pb2.Job) -> None:
+    def save(self, job: trainer_pb2.Job, owner: str | None = None) -> bool:
+        """Writes the record (one process: every owner holds its jobs; `owner` is not checked)."""
         with self._lock:
             self._db.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?", (job.state, job.SerializeToString(), job.id))
+            if job.state in TERMINAL:
+                self._cancel_requested.discard(job.id)
         self._notify()
+        return True
+
+    def _transition(self, select: str, args: tuple, change) -> trainer_pb2.Job | None:
+        """One write transaction (BEGIN IMMEDIATE: another connection to the file waits): the row
+        `select` finds, changed by `change` (None: leave it)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(select, args).fetchone()
+                job = change(trainer_pb2.Job.FromString(row[0])) if row is not None else None
+                if job is not None:
+                    self._db.execute("UPDATE jobs SET state = ?, record = ? WHERE id = ?", (job.state, job.SerializeToString(), job.id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if job is not None:
+            self._notify()
+        return job
+
+    def claim(self, job_id: str, owner: str) -> trainer_pb2.Job | None:
+        return self._transition("SELECT record FROM jobs WHERE id = ? AND state = ?", (job_id, trainer_pb2.JOB_STATE_QUEUED), mark_running)
+
+    def claim_next(self, owner: str) -> trainer_pb2.Job | None:
+        return self._transition("SELECT record FROM jobs WHERE state = ? ORDER BY created, id LIMIT 1",
+                                (trainer_pb2.JOB_STATE_QUEUED,), mark_running)
+
+    def heartbeat(self, owner: str, job_ids: list[str]) -> set[str]:
+        return {job_id for job_id in job_ids if job_id in self._cancel_requested}
+
+    def release(self, job_id: str, owner: str) -> bool:
+        def back(job: trainer_pb2.Job) -> trainer_pb2.Job:
+            return mark_requeued(job, "requeued")
+        return self._transition("SELECT record FROM jobs WHERE id = ? AND state = ?", (job_id, trainer_pb2.JOB_STATE_RUNNING), back) is not None
+
+    def requeue_expired(self) -> list[str]:
+        return []  # one process: no other owner can have died
+
+    def request_cancel(self, job_id: str) -> trainer_pb2.Job:
+        self.get(job_id)  # NotFound, and the id checked
+
+        def cancel(job: trainer_pb2.Job) -> trainer_pb2.Job | None:
+            if job.state == trainer_pb2.JOB_STATE_QUEUED:
+                return mark_finished(job, trainer_pb2.JOB_STATE_CANCELLED, "cancelled before it started")
+            if job.state == trainer_pb2.JOB_STATE_RUNNING:
+                self._cancel_requested.add(job.id)
+            return None
+        self._transition("SELECT record FROM jobs WHERE id = ?", (job_id,), cancel)
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return job_id in self._cancel_requested
 
     def list(self, states: list[int], limit: int, offset: int) -> list[trainer_pb2.Job]:
         query, args = "SELECT record FROM jobs", []
@@ -102,7 +200,7 @@ class JobStore:
         """After a restart: running jobs fail with the reason; returns the queued ones to run."""
         for job in self.list([trainer_pb2.JOB_STATE_RUNNING], limit=100000, offset=0):
             job.state = trainer_pb2.JOB_STATE_FAILED
-            job.error = "interrupted: the trainer stopped while this job was running; start it again with a new idempotency key"
+            job.error = INTERRUPTED
             job.phase = "interrupted"
             job.finished_at.CopyFrom(now())
             self.save(job)
