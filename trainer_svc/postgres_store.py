@@ -17,6 +17,7 @@ attempts, cancel flag). Every change is one transaction; times for leases are th
 
 from __future__ import annotations
 
+import builtins
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,7 +56,7 @@ class PostgresJobStore:
         self.max_attempts = int(max_attempts)
         self.connect_timeout_s = connect_timeout_s
         self.changed = threading.Condition()  # notified on changes made through this instance
-        self._idle: list[psycopg.Connection] = []
+        self._idle: builtins.list[psycopg.Connection] = []
         self._pool_lock = threading.Lock()
         self._closed = False
         with self._tx() as db:
@@ -132,7 +133,7 @@ class PostgresJobStore:
             self._notify()
         return saved
 
-    def list(self, states: list[int], limit: int, offset: int) -> list[trainer_pb2.Job]:
+    def list(self, states: builtins.list[int], limit: int, offset: int) -> builtins.list[trainer_pb2.Job]:
         query, args = f"SELECT record FROM {TABLE}", []
         if states:
             query += " WHERE state = ANY(%s)"
@@ -162,7 +163,7 @@ class PostgresJobStore:
     def claim_next(self, owner: str) -> trainer_pb2.Job | None:
         return self._claim("state = %s", (QUEUED,), owner)
 
-    def heartbeat(self, owner: str, job_ids: list[str]) -> set[str]:
+    def heartbeat(self, owner: str, job_ids: builtins.list[str]) -> set[str]:
         if not job_ids:
             return set()
         with self._tx() as db:
@@ -171,10 +172,10 @@ class PostgresJobStore:
         held = {job_id: cancel for job_id, cancel in rows}
         return {job_id for job_id in job_ids if job_id not in held or held[job_id]}
 
-    def _change_locked(self, where: str, args: tuple, change: Callable[[Any, trainer_pb2.Job, tuple], str | None]) -> list[str]:
+    def _change_locked(self, where: str, args: tuple, change: Callable[[Any, trainer_pb2.Job, tuple], str | None]) -> builtins.list[str]:
         """Rows matching `where`, locked (skipping those another trainer holds); `change` updates
         each one through `db` and returns its id, or None to leave it."""
-        changed = []
+        changed: builtins.list[str] = []
         with self._tx() as db:
             rows = db.execute(f"SELECT id, record, owner, attempts, cancel_requested FROM {TABLE} WHERE {where} "
                               "ORDER BY created, id FOR UPDATE SKIP LOCKED", args).fetchall()
@@ -197,7 +198,7 @@ class PostgresJobStore:
                                ", owner = NULL, heartbeat_at = NULL, attempts = greatest(attempts - 1, 0)")
         return bool(self._change_locked("id = %s AND owner = %s AND state = %s", (job_id, owner, RUNNING), back))
 
-    def requeue_expired(self) -> list[str]:
+    def requeue_expired(self) -> builtins.list[str]:
         def expire(db: Any, job: trainer_pb2.Job, row: tuple) -> str:
             _, _, owner, attempts, cancel = row
             silent = f"its trainer {owner} stopped heartbeating for more than {self.lease_s:g} s"
@@ -231,7 +232,7 @@ class PostgresJobStore:
             row = db.execute(f"SELECT cancel_requested, state FROM {TABLE} WHERE id = %s", (job_id,)).fetchone()
         return bool(row and row[0] and row[1] not in TERMINAL)
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """A (re)starting trainer leaves other trainers' running jobs alone: only expired leases
         are requeued. Queued jobs are claimed by the runner's loop, not handed over here."""
         self.requeue_expired()

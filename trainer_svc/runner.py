@@ -167,7 +167,7 @@ class JobRunner:
             job.progress = 1.0
             self._finish(job, trainer_pb2.JOB_STATE_SUCCEEDED, "done")
 
-    def _finish(self, job: trainer_pb2.Job, state: int, phase: str, error: str = "") -> None:
+    def _finish(self, job: trainer_pb2.Job, state: trainer_pb2.JobState, phase: str, error: str = "") -> None:
         mark_finished(job, state, phase, error)
         self.messages[job.id] = error or phase
         if not self.store.save(job, owner=self.owner if self.store.shared else None):

@@ -9,6 +9,7 @@ failed with the reason, and queued jobs are handed back to the runner.
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 import threading
 import time
@@ -60,7 +61,7 @@ def mark_running(job: trainer_pb2.Job) -> trainer_pb2.Job:
     return job
 
 
-def mark_finished(job: trainer_pb2.Job, state: int, phase: str, error: str = "") -> trainer_pb2.Job:
+def mark_finished(job: trainer_pb2.Job, state: trainer_pb2.JobState, phase: str, error: str = "") -> trainer_pb2.Job:
     job.state = state
     job.phase = phase
     job.error = error
@@ -161,7 +162,7 @@ class JobStore:
         return self._transition("SELECT record FROM jobs WHERE state = ? ORDER BY created, id LIMIT 1",
                                 (trainer_pb2.JOB_STATE_QUEUED,), mark_running)
 
-    def heartbeat(self, owner: str, job_ids: list[str]) -> set[str]:
+    def heartbeat(self, owner: str, job_ids: builtins.list[str]) -> set[str]:
         return {job_id for job_id in job_ids if job_id in self._cancel_requested}
 
     def release(self, job_id: str, owner: str) -> bool:
@@ -169,7 +170,7 @@ class JobStore:
             return mark_requeued(job, "requeued")
         return self._transition("SELECT record FROM jobs WHERE id = ? AND state = ?", (job_id, trainer_pb2.JOB_STATE_RUNNING), back) is not None
 
-    def requeue_expired(self) -> list[str]:
+    def requeue_expired(self) -> builtins.list[str]:
         return []  # one process: no other owner can have died
 
     def request_cancel(self, job_id: str) -> trainer_pb2.Job:
@@ -187,7 +188,7 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         return job_id in self._cancel_requested
 
-    def list(self, states: list[int], limit: int, offset: int) -> list[trainer_pb2.Job]:
+    def list(self, states: builtins.list[int], limit: int, offset: int) -> builtins.list[trainer_pb2.Job]:
         query, args = "SELECT record FROM jobs", []
         if states:
             query += f" WHERE state IN ({', '.join('?' * len(states))})"
@@ -196,7 +197,7 @@ class JobStore:
         rows = self._db.execute(query, (*args, limit, offset)).fetchall()
         return [trainer_pb2.Job.FromString(r[0]) for r in rows]
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """After a restart: running jobs fail with the reason; returns the queued ones to run."""
         for job in self.list([trainer_pb2.JOB_STATE_RUNNING], limit=100000, offset=0):
             job.state = trainer_pb2.JOB_STATE_FAILED

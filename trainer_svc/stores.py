@@ -21,6 +21,7 @@ Selection, by environment (the Helm chart renders these names):
 
 from __future__ import annotations
 
+import builtins
 import os
 import socket
 import threading
@@ -55,7 +56,7 @@ class JobStoreBackend(Protocol):
     def save(self, job: trainer_pb2.Job, owner: str | None = None) -> bool:
         """Writes the record. With `owner`, only while that owner holds the job (False otherwise)."""
 
-    def list(self, states: list[int], limit: int, offset: int) -> list[trainer_pb2.Job]:
+    def list(self, states: builtins.list[int], limit: int, offset: int) -> builtins.list[trainer_pb2.Job]:
         """Newest first (created, then id), filtered by state when `states` is not empty."""
 
     def claim(self, job_id: str, owner: str) -> trainer_pb2.Job | None:
@@ -64,13 +65,13 @@ class JobStoreBackend(Protocol):
     def claim_next(self, owner: str) -> trainer_pb2.Job | None:
         """Claims the oldest queued job, or None."""
 
-    def heartbeat(self, owner: str, job_ids: list[str]) -> set[str]:
+    def heartbeat(self, owner: str, job_ids: builtins.list[str]) -> set[str]:
         """Renews the owner's leases; returns those of `job_ids` it should stop (cancel requested, lost)."""
 
     def release(self, job_id: str, owner: str) -> bool:
         """RUNNING -> QUEUED for another trainer (the owner is shutting down)."""
 
-    def requeue_expired(self) -> list[str]:
+    def requeue_expired(self) -> builtins.list[str]:
         """Running jobs whose owner's lease expired: QUEUED again, or FAILED after the last attempt."""
 
     def request_cancel(self, job_id: str) -> trainer_pb2.Job:
@@ -79,7 +80,7 @@ class JobStoreBackend(Protocol):
     def cancel_requested(self, job_id: str) -> bool:
         """Whether cancellation of this (running) job was requested."""
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """At start-up: the queued jobs this process should run (SQLite also fails the running ones)."""
 
     def close(self) -> None:
