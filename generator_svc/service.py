@@ -164,8 +164,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise InvalidArgument("input: set either latents or features")
         if which == "latents":
             space = _space(loaded, request.latents.space)
-            x = loaded.to_input(Latents(space, wire.from_tensor(request.latents.values, field="latents.values",
-                                                                dtypes=wire.FLOAT_DTYPES, shape=[None, *space.shape])))
+            values = wire.from_tensor(request.latents.values, field="latents.values", dtypes=wire.FLOAT_DTYPES,
+                                      shape=[None, *space.shape])
+            wire.check_latent_range(values, "latents.values")  # finite but far beyond the prior overflows inside
+            x = loaded.to_input(Latents(space, values))
             from_layer = spec.layers[0].name
         else:
             from_layer = request.features.layer

@@ -586,3 +586,15 @@ def test_unloading_a_version_answers_the_calls_it_holds(fresh_repo):
         assert v1.batcher(types_pb2.BACKEND_TORCH, INPUT_LAYER, [IMAGE_LAYER]) is None  # served without a new batcher
     finally:
         pool.close()
+
+
+def test_finite_latents_far_beyond_the_prior_are_invalid(stub):
+    """Corpus finding: float32 latents of 2e4 passed the finiteness check and were computed."""
+    from latentedit.limits import LIMITS
+
+    with pytest.raises(grpc.RpcError) as info:
+        _synthesize(stub, np.full((1, 100), 2 * LIMITS.latent_abs, np.float32))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "latent_abs" in info.value.details()
+    edge = wire.decode_images(_synthesize(stub, np.full((1, 100), LIMITS.latent_abs, np.float32)).images)
+    assert edge.shape == (1, 64, 64, 3)  # the limit itself is allowed
+    _assert_still_serving(stub)
