@@ -114,10 +114,16 @@ class JobStore:
                 if existing is not None:
                     return existing, False
             job = new_job(request)
-            self._db.execute(
-                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?)",
+            # The unique key decides, also against another connection to the file.
+            inserted = self._db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
                 (job.id, request.idempotency_key or None, job.state, time.time(), job.SerializeToString()),
-            )
+            ).rowcount
+            if not inserted:
+                existing = self.find_by_key(request)
+                if existing is None:  # pragma: no cover - a conflicting row does not disappear
+                    raise RuntimeError(f"idempotency key {request.idempotency_key!r} conflicted but no job holds it")
+                return existing, False
         self._notify()
         return job, True
 
