@@ -415,6 +415,97 @@ def test_open_store_reads_the_environment(tmp_path, postgres):
         store.close()
 
 
+# ---- runners sharing a PostgreSQL store (in-process) ---------------------------------------------
+
+
+class Body:
+    """A job body that reports progress and runs until `release` is set (or it is cancelled)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.runs: Counter[str] = Counter()
+        self.owners: dict[str, str] = {}
+        self.started = threading.Condition()
+
+    def __call__(self, ctx, params) -> trainer_pb2.ArtifactRef:
+        with self.started:
+            self.runs[ctx.job_id] += 1
+            self.owners[ctx.job_id] = ctx.owner
+            self.started.notify_all()
+        ctx.report("working", 0.5)
+        while not self.release.wait(0.02):
+            ctx.check()
+        return trainer_pb2.ArtifactRef(ref=types_pb2.ModelRef(name=params, version=1))
+
+
+def _runner(store, body: Body, workers: int = 1):
+    from trainer_svc.runner import JobRunner
+
+    class Runner(JobRunner):
+        def _resolve(self, job):  # what the trainer does with jobs.validate
+            return job.display_name, body
+
+    return Runner(store, workers=workers, deps=object())  # deps: only tells the runner it may claim
+
+
+def test_runners_on_one_store_run_every_queued_job_once_and_share_the_work(pg_factory):
+    body = Body()
+    stores = [pg_factory(lease_s=0.6), pg_factory(lease_s=0.6)]
+    ids = [stores[0].create(request_(name=f"j{i}"))[0].id for i in range(4)]
+    runners = [_runner(store, body) for store in stores]
+    try:
+        with body.started:  # one worker each: two jobs run at once, one per runner
+            assert body.started.wait_for(lambda: len(body.runs) == 2, timeout=30)
+        assert len(set(body.owners.values())) == 2
+        body.release.set()
+        wait_for(lambda: all(stores[1].get(i).state == SUCCEEDED for i in ids), 60, "every job to succeed")
+        assert body.runs == Counter({i: 1 for i in ids})
+        assert stores[1].get(ids[0]).artifact.ref.name == "j0"
+    finally:
+        body.release.set()
+        for runner in runners:
+            runner.close()
+
+
+def test_cancel_through_another_trainer_stops_the_job_at_its_owners_next_heartbeat(pg_factory):
+    body = Body()
+    here, there = pg_factory(lease_s=0.6), pg_factory(lease_s=0.6)
+    job = here.create(request_())[0]
+    runner = _runner(here, body)
+    other = _runner(there, Body())
+    try:
+        with body.started:
+            assert body.started.wait_for(lambda: body.runs[job.id] == 1, timeout=30)
+        assert other.cancel(job.id).state == RUNNING  # not running there: flagged for its owner
+        final = wait_for(lambda: (j := there.get(job.id)).state in (CANCELLED, FAILED, SUCCEEDED) and j, 30, "the cancel")
+        assert final.state == CANCELLED and final.phase == "cancelled" and final.error == "", final  # by its owner, not a lease
+    finally:
+        body.release.set()
+        runner.close()
+        other.close()
+
+
+def test_a_trainer_shutting_down_hands_its_running_job_to_another(pg_factory):
+    body = Body()
+    first, second = pg_factory(lease_s=0.6), pg_factory(lease_s=0.6)
+    job = first.create(request_())[0]
+    leaving = _runner(first, body)
+    with body.started:
+        assert body.started.wait_for(lambda: body.runs[job.id] == 1, timeout=30)
+    leaving.close()  # SIGTERM: the job goes back to the queue, not FAILED
+    assert first.get(job.id).state == QUEUED
+    staying = _runner(second, body)
+    try:
+        with body.started:
+            assert body.started.wait_for(lambda: body.runs[job.id] == 2, timeout=30)
+        body.release.set()
+        done = wait_for(lambda: (j := second.get(job.id)).state == SUCCEEDED and j, 30, "the job to finish")
+        assert body.owners[job.id] == staying.owner and done.artifact.ref.name == "b"
+    finally:
+        body.release.set()
+        staying.close()
+
+
 # ---- two trainer processes on one PostgreSQL store ---------------------------------------------
 
 
