@@ -506,6 +506,34 @@ def test_a_trainer_shutting_down_hands_its_running_job_to_another(pg_factory):
         staying.close()
 
 
+def test_a_claimed_job_that_cannot_be_resolved_is_requeued_while_a_dependency_is_down_and_failed_when_invalid(pg_factory):
+    from latentedit.errors import Unavailable
+    from trainer_svc.runner import JobRunner
+
+    body, store = Body(), pg_factory(lease_s=0.6)
+    body.release.set()
+    attempts: Counter[str] = Counter()
+
+    class Runner(JobRunner):
+        def _resolve(self, job):
+            attempts[job.display_name] += 1
+            if job.display_name == "bad":
+                raise InvalidArgument("no head 'nose'")
+            if attempts[job.display_name] == 1:
+                raise Unavailable("generator at localhost:1 is unavailable")
+            return job.display_name, body
+
+    bad, flaky = store.create(request_(name="bad"))[0], store.create(request_(name="flaky"))[0]
+    runner = Runner(store, workers=1, deps=object())
+    try:
+        done = wait_for(lambda: (j := store.get(flaky.id)).state == SUCCEEDED and j, 30, "the flaky job")
+        failed = store.get(bad.id)
+        assert failed.state == FAILED and "could not resume the job: no head 'nose'" in failed.error
+        assert attempts == Counter({"bad": 1, "flaky": 2}) and done.artifact.ref.name == "flaky"
+    finally:
+        runner.close()
+
+
 # ---- two trainer processes on one PostgreSQL store ---------------------------------------------
 
 

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from latentedit.api.v1 import trainer_pb2
 from latentedit.errors import Cancelled, LatentEditError, cap_message
 from trainer_svc.store import mark_finished
@@ -78,6 +80,13 @@ class JobContext:
         self.messages[self.job_id] = message or phase
         if not self.store.save(job, owner=self.owner):
             raise JobLost()
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure that may pass (a dependency down, slow or overloaded), not a bad job."""
+    code = getattr(exc, "code", None)
+    code = code() if callable(code) else code
+    return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 # A job body: (context, validated parameters) -> ArtifactRef.
@@ -205,6 +214,11 @@ class JobRunner:
                 params, body = self._resolve(job)
             except Exception as exc:  # noqa: BLE001 - e.g. an artifact it needs was removed
                 self._contexts.pop(job.id, None)
+                if _transient(exc):
+                    # A dependency starting or overloaded: back to the queue, try again next round.
+                    log.warning("job %s: could not resume yet (%s); requeued", job.id, exc)
+                    self.store.release(job.id, self.owner)
+                    return
                 self._finish(job, trainer_pb2.JOB_STATE_FAILED, "failed", cap_message(f"could not resume the job: {exc}"))
                 continue
             self.messages[job.id] = "starting"
