@@ -470,7 +470,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
         return _CountingRequests(requests, STREAM_MESSAGES.labels(self.service, method, "received"))
 
     def _unary(self, fn: Callable, method: str, request_streaming: bool) -> Callable:
-        def wrapper(request, context):
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
             call = _ServerCall(self, method, context)
             token = call.attach()
             try:
@@ -488,7 +488,7 @@ class ServerInterceptor(grpc.ServerInterceptor):
     def _stream(self, fn: Callable, method: str, request_streaming: bool) -> Callable:
         sent_counter = STREAM_MESSAGES.labels(self.service, method, "sent")
 
-        def wrapper(request, context):
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             call = _ServerCall(self, method, context)
             inner: Any = None
             try:
