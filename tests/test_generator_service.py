@@ -598,3 +598,29 @@ def test_finite_latents_far_beyond_the_prior_are_invalid(stub):
     edge = wire.decode_images(_synthesize(stub, np.full((1, 100), LIMITS.latent_abs, np.float32)).images)
     assert edge.shape == (1, 64, 64, 3)  # the limit itself is allowed
     _assert_still_serving(stub)
+
+
+def test_a_deadline_shorter_than_the_queued_work_is_refused_at_once(held_server):
+    """Overload: admission weighs the work ahead against the caller's deadline (RESOURCE_EXHAUSTED
+    at once), instead of queueing a call that can only time out while the server computes."""
+    held = held_server()
+    blocker = held.stub.Synthesize.future(_torch_request(_z(0, 1)), timeout=120)
+    held.backend.wait_for_batches(1)
+    # The batcher measures rows/s on the batches it runs; set a slow machine's figure so the
+    # work ahead is long whatever this machine's speed: 1 row/s.
+    held.batcher._rows_per_s = 1.0
+    queued = held.stub.Synthesize.future(_torch_request(_z(1, 20)), timeout=120)
+    wait_until(lambda: held.batcher.queued_rows == 20, lambda: f"20 rows should be queued; {held.batcher.queued_rows} are")
+    refused_before = held.batcher.stats.refused_requests
+    with pytest.raises(grpc.RpcError) as refused:
+        held.stub.Synthesize(_torch_request(_z(2, 1)), timeout=10)  # 21 rows ahead at 1 row/s: about 21 s
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    assert "21 rows are ahead of this request, about 21.0 s of work" in refused.value.details()
+    assert held.batcher.stats.refused_requests == refused_before + 1
+    patient = held.stub.Synthesize.future(_torch_request(_z(3, 2)), timeout=120)  # 21 s fits in 120 s: admitted
+    wait_until(lambda: held.batcher.queued_rows == 22, lambda: f"22 rows should be queued; {held.batcher.queued_rows} are")
+    held.backend.released.set()
+    for call in (blocker, queued, patient):
+        call.result(60)
+    assert held.backend.batches[0] == 1 and sum(held.backend.batches) == 1 + 20 + 2, held.backend.batches
+    _assert_still_serving(held.stub)
