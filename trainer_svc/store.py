@@ -15,12 +15,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from latentedit.api.v1 import trainer_pb2
 from latentedit.errors import InvalidArgument, NotFound, shown
 from latentedit.repository import validate_name
+
+if TYPE_CHECKING:
+    from trainer_svc.stores import JobStoreBackend
 
 TERMINAL = {trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED}
 
@@ -98,6 +102,14 @@ class JobStore:
         self._lock = threading.Lock()
         self.changed = threading.Condition()  # notified on every update (WatchJob waits on it)
         self._cancel_requested: set[str] = set()  # one process: the flags live in memory
+
+    @staticmethod
+    def open(repository_root: Path) -> JobStoreBackend:
+        """The job store the environment selects (`trainer_svc.stores.open_store`: LATENTEDIT_JOB_STORE,
+        LATENTEDIT_JOB_STORE_DSN); without those, this SQLite store in the repository."""
+        from trainer_svc.stores import open_store
+
+        return open_store(repository_root)
 
     def find_by_key(self, request: trainer_pb2.StartJobRequest) -> trainer_pb2.Job | None:
         """The job started with this request's idempotency key; a different spec is an error."""
