@@ -17,7 +17,8 @@ def build(config: Config) -> tuple[ServiceHost, EditorServicer]:
     host = ServiceHost.for_service("editor", config)  # checks the security settings first
     # Edits call the generator and scorer with the editor's own credentials, never the caller's.
     services = Services(config.address("generator"), config.address("scorer"),
-                        security=ClientSecurity.for_service(config.security, "editor"), service="editor")
+                        security=ClientSecurity.for_service(config.security, "editor"), service="editor",
+                        max_message_bytes=config.services["editor"].max_message_bytes)
     servicer = EditorServicer(ModelRepository(config.repository), config.editor, services)
     host.add(editor_pb2_grpc.add_EditorServiceServicer_to_server, servicer, SERVICE_NAME)
     host.start()

@@ -14,12 +14,12 @@ from latentedit import observability, wire
 from latentedit.api.v1 import generator_pb2, generator_pb2_grpc, scorer_pb2, scorer_pb2_grpc, types_pb2
 from latentedit.errors import FailedPrecondition, RemoteError, Unavailable
 from latentedit.rpc.security import ClientSecurity
-from latentedit.rpc.serving import channel_options
+from latentedit.rpc.serving import client_channel_options
 
 
 def connect(address: str, token: str | None = None, ca_file: str | None = None, *, cert_file: str | None = None,
             key_file: str | None = None, tls: bool | None = None, security: ClientSecurity | None = None,
-            service: str = "client") -> grpc.Channel:
+            service: str = "client", max_message_bytes: int = 64 * 1024 * 1024) -> grpc.Channel:
     """A channel to `address`, wrapped in the observability client interceptors of `service`.
 
     With `security` exactly that; otherwise from the arguments, then the environment
@@ -29,9 +29,9 @@ def connect(address: str, token: str | None = None, ca_file: str | None = None, 
     if security is None:
         security = ClientSecurity.from_args(token, ca_file, cert_file, key_file, tls)
     if security.tls:
-        channel = grpc.secure_channel(address, security.channel_credentials(), options=channel_options())
+        channel = grpc.secure_channel(address, security.channel_credentials(), options=client_channel_options(max_message_bytes))
     else:
-        channel = grpc.insecure_channel(address, options=channel_options())
+        channel = grpc.insecure_channel(address, options=client_channel_options(max_message_bytes))
     return grpc.intercept_channel(channel, *observability.client_interceptors(service))
 
 

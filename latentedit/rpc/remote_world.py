@@ -112,6 +112,7 @@ class Services:
     scorer_channel: grpc.Channel | None = None
     security: ClientSecurity | None = None
     service: str = "client"  # who calls, for the observability client interceptors
+    max_message_bytes: int = 64 * 1024 * 1024  # the calling service's configured limit, both directions
 
     def __post_init__(self) -> None:
         self.security = self.security or ClientSecurity()
@@ -125,8 +126,9 @@ class Services:
     def _open(self, generator_channel: grpc.Channel | None = None, scorer_channel: grpc.Channel | None = None) -> None:
         assert self.security is not None
         self.generator_channel = generator_channel or connect(self.generator_address, security=self.security,
-                                                              service=self.service)
-        self.scorer_channel = scorer_channel or connect(self.scorer_address, security=self.security, service=self.service)
+                                                              service=self.service, max_message_bytes=self.max_message_bytes)
+        self.scorer_channel = scorer_channel or connect(self.scorer_address, security=self.security, service=self.service,
+                                                        max_message_bytes=self.max_message_bytes)
         self._generator = generator_pb2_grpc.GeneratorServiceStub(self.generator_channel)
         self._scorer = scorer_pb2_grpc.ScorerServiceStub(self.scorer_channel)
 

@@ -15,6 +15,7 @@ too), authentication (refuses before any handler work), error mapping.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import signal
 import threading
@@ -38,11 +39,37 @@ log = logging.getLogger(__name__)
 LIVENESS = "liveness"
 
 
+# Keepalive, set here once for both sides. Clients ping idle connections every 30 s (a peer that
+# vanished without a FIN, as a killed pod does, is noticed within 40 s and its address dropped
+# from the round-robin set); servers accept pings that often, idle or not, instead of answering
+# GOAWAY "too_many_pings" as gRPC's 5-minute default would.
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+
 def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:
-    """Options for clients and servers: the same explicit size limits on both sides."""
+    """Options for servers (and the base of clients'): the same explicit size limits on both sides."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def client_channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:
+    """Client channels: the size limits, keepalive, and round-robin load balancing.
+
+    gRPC's default policy (pick_first) sends every call of a channel to one backend, so behind a
+    plain Kubernetes Service a second generator replica would get nothing. With round_robin a
+    `dns:///generator-headless:50051` target (a headless Service: one A record per ready pod)
+    spreads calls over every address the name resolves to, and re-resolves when one goes away."""
+    return [
+        *channel_options(max_message_bytes),
+        ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ]
 
 
