@@ -433,6 +433,7 @@ class Body:
             self.owners[ctx.job_id] = ctx.owner
             self.started.notify_all()
         ctx.report("working", 0.5)
+        ctx.check()
         while not self.release.wait(0.02):
             ctx.check()
         return trainer_pb2.ArtifactRef(ref=types_pb2.ModelRef(name=params, version=1))
@@ -471,8 +472,10 @@ def test_cancel_through_another_trainer_stops_the_job_at_its_owners_next_heartbe
     body = Body()
     here, there = pg_factory(lease_s=0.6), pg_factory(lease_s=0.6)
     job = here.create(request_())[0]
+    from trainer_svc.runner import JobRunner
+
     runner = _runner(here, body)
-    other = _runner(there, Body())
+    other = JobRunner(there, workers=1)  # no deps: it never claims, so the job runs `here`
     try:
         with body.started:
             assert body.started.wait_for(lambda: body.runs[job.id] == 1, timeout=30)
@@ -504,6 +507,29 @@ def test_a_trainer_shutting_down_hands_its_running_job_to_another(pg_factory):
     finally:
         body.release.set()
         staying.close()
+
+
+def test_jobs_submitted_here_and_waiting_for_a_worker_survive_heartbeats(pg_factory):
+    """A job StartJob submitted to a busy runner is not this trainer's yet: heartbeats must not
+    treat it as lost (and cancel it) before a worker claims it."""
+    from trainer_svc.runner import JobRunner
+
+    body, store = Body(), pg_factory(lease_s=30)
+    runner = JobRunner(store, workers=1)
+    try:
+        first, second = (store.create(request_(name=n))[0] for n in ("first", "second"))
+        runner.submit(first.id, body, "first")
+        runner.submit(second.id, body, "second")
+        with body.started:
+            assert body.started.wait_for(lambda: body.runs[first.id] == 1, timeout=30)
+        runner.tick()  # heartbeats with `second` waiting for the worker
+        runner.tick()
+        body.release.set()
+        wait_for(lambda: all(store.get(j.id).state in (SUCCEEDED, CANCELLED, FAILED) for j in (first, second)), 30, "both jobs")
+        assert [store.get(j.id).state for j in (first, second)] == [SUCCEEDED, SUCCEEDED]
+    finally:
+        body.release.set()
+        runner.close()
 
 
 def test_a_claimed_job_that_cannot_be_resolved_is_requeued_while_a_dependency_is_down_and_failed_when_invalid(pg_factory):
@@ -557,7 +583,7 @@ class Services:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "latentedit", "--config", str(self.workdir / f"{name}.yaml"), "serve", name.split("-")[0]],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=os.environ.get("LATENTEDIT_CODE_ROOT") or ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
     def wait_serving(self, name: str, timeout_s: float = 300) -> None:
@@ -640,8 +666,11 @@ def test_two_trainers_one_killed_mid_job_the_other_requeues_and_finishes_it(inst
         services.processes[victim].send_signal(signal.SIGKILL)
         services.processes[victim].wait(30)
         # The survivor requeues the job once the victim's lease (2 s) expired, claims and finishes it.
+        survivor_pid = services.processes[survivor].pid
+        wait_for(lambda: _owner(dsn, job.id)[0].split("-")[-2] == str(survivor_pid) if _owner(dsn, job.id)[0] else False,
+                 60, f"{survivor} to claim the job again; {survivor}: {services.log(survivor)}")
         final = None
-        for event in services.trainer(survivor).WatchJob(trainer_pb2.WatchJobRequest(id=job.id), timeout=600):
+        for event in services.trainer(survivor).WatchJob(trainer_pb2.WatchJobRequest(id=job.id), timeout=300):
             final = event.job
         assert final is not None and final.state == SUCCEEDED, (trainer_pb2.JobState.Name(final.state), final.error,
                                                                 services.log(survivor))

@@ -102,6 +102,7 @@ class JobRunner:
         self.owner = owner or instance_id()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
         self._contexts: dict[str, JobContext] = {}  # submitted here and not done (queued locally or running)
+        self._claimed: set[str] = set()  # jobs this runner holds in the store (heartbeated)
         self.messages: dict[str, str] = {}
         self._shutting_down = False
         self._starting = threading.Lock()  # a job starts (QUEUED -> RUNNING) or the runner shuts down, not both
@@ -143,11 +144,13 @@ class JobRunner:
                     return
                 if not claimed and self.store.claim(job_id, self.owner) is None:
                     return  # cancelled while queued, or another trainer runs it
+                self._claimed.add(job_id)
             context = self._contexts[job_id]
             if self.store.cancel_requested(job_id):
                 context.request_cancel()
             self._execute(context, body, params)
         finally:
+            self._claimed.discard(job_id)
             self._contexts.pop(job_id, None)
             self._wake.set()  # a worker is free: the coordinator may claim a queued job
 
@@ -185,7 +188,7 @@ class JobRunner:
     # -- shared stores -----------------------------------------------------------------------
 
     def _coordinate(self) -> None:
-        interval = max(0.05, self.store.lease_s / 3)
+        interval = max(0.05, min(self.store.lease_s / 3, 2.0))  # heartbeats well inside the lease; claims within 2 s
         while not self._shutting_down:
             try:
                 self.tick()
@@ -196,8 +199,8 @@ class JobRunner:
 
     def tick(self) -> None:
         """One round of heartbeats, lease expiry and claims (the coordinator's loop body)."""
-        running = [job_id for job_id, c in list(self._contexts.items()) if not c.cancel.is_set()]
-        for job_id in self.store.heartbeat(self.owner, running):
+        # Only jobs claimed here: one submitted here and waiting for a worker is not ours yet.
+        for job_id in self.store.heartbeat(self.owner, sorted(self._claimed)):
             context = self._contexts.get(job_id)
             if context is not None:
                 context.request_cancel()
@@ -209,11 +212,13 @@ class JobRunner:
                 job = self.store.claim_next(self.owner)
                 if job is None:
                     return
+                self._claimed.add(job.id)
                 self._context(job.id)
             try:
                 params, body = self._resolve(job)
             except Exception as exc:  # noqa: BLE001 - e.g. an artifact it needs was removed
                 self._contexts.pop(job.id, None)
+                self._claimed.discard(job.id)
                 if _transient(exc):
                     # A dependency starting or overloaded: back to the queue, try again next round.
                     log.warning("job %s: could not resume yet (%s); requeued", job.id, exc)
@@ -244,7 +249,8 @@ class JobRunner:
             context.request_cancel()
         self._pool.shutdown(wait=True)
         # Jobs the coordinator claimed whose run never started (cancelled futures) go back to the queue.
-        for job_id in list(self._contexts):
+        for job_id in sorted(self._claimed):
             if self.store.shared:
                 self.store.release(job_id, self.owner)
-            self._contexts.pop(job_id, None)
+        self._claimed.clear()
+        self._contexts.clear()
