@@ -407,6 +407,9 @@ def test_open_store_reads_the_environment(tmp_path, postgres):
         open_store(tmp_path, {"LATENTEDIT_JOB_STORE": "postgres"})
     with pytest.raises(ValueError, match="sqlite or postgres"):
         open_store(tmp_path, {"LATENTEDIT_JOB_STORE": "mysql"})
+    with pytest.raises(RuntimeError, match=r"job store: PostgreSQL at latentedit@127.0.0.1:\d+/t_nowhere") as refused:
+        open_store(tmp_path, {"LATENTEDIT_JOB_STORE": "postgres", "LATENTEDIT_JOB_STORE_DSN": f"{postgres.dsn} password=hunter2 dbname=t_nowhere"})
+    assert "hunter2" not in str(refused.value)
     store = open_store(tmp_path, {"LATENTEDIT_JOB_STORE": "postgres", "LATENTEDIT_JOB_STORE_DSN": postgres.database(),
                                   "LATENTEDIT_JOB_LEASE_S": "7.5", "LATENTEDIT_JOB_MAX_ATTEMPTS": "5"})
     try:

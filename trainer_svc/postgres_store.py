@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from latentedit.api.v1 import trainer_pb2
 from latentedit.errors import NotFound
@@ -43,6 +44,15 @@ SCHEMA_LOCK = 0x6C617465  # advisory lock: two trainers starting at once create 
 MAX_IDLE_CONNECTIONS = 8
 
 
+def describe(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "<a DSN that does not parse>"
+    return f"{parts.get('user', '')}@{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
 class PostgresJobStore:
     shared = True
     # The row lock of a claim. Tests replace it with "" to show that the overlap test can fail.
@@ -59,10 +69,13 @@ class PostgresJobStore:
         self._idle: builtins.list[psycopg.Connection] = []
         self._pool_lock = threading.Lock()
         self._closed = False
-        with self._tx() as db:
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            for statement in SCHEMA:
-                db.execute(statement)
+        try:
+            with self._tx() as db:
+                db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                for statement in SCHEMA:
+                    db.execute(statement)
+        except psycopg.Error as exc:
+            raise RuntimeError(f"job store: PostgreSQL at {describe(dsn)} (LATENTEDIT_JOB_STORE_DSN): {str(exc).strip()}") from None
 
     # -- connections -------------------------------------------------------------------------
 
