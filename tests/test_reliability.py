@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -30,6 +31,26 @@ pytestmark = pytest.mark.slow
 BOUNDARY = "reliability-axis"
 QUEUE_ROWS = 512  # the generator's queue bound in this suite: small, so a few callers overload it
 WAIT_S = 120.0
+# How long after a restarted service reports SERVING its callers (editor, trainer) may still answer
+# UNAVAILABLE while their channels reconnect. gRPC's default reconnect backoff grows to 120 s, so a
+# dependency down for half a minute can leave callers failing for 10-20 s after it is back; the
+# suite's channels must reconnect within a few seconds.
+RECONNECT_S = 10.0
+
+
+def _once_reconnected(what, call):
+    """`call()` retried while it answers UNAVAILABLE, for at most RECONNECT_S after the restart."""
+    deadline = time.monotonic() + RECONNECT_S
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise AssertionError(f"{what}: still {exc.code().name} {RECONNECT_S:.0f} s after the restarted service "
+                                     f"reported SERVING ({attempts} attempts): {exc.details()}") from exc
+            threading.Event().wait(0.2)  # a bounded poll: no server signal says a client channel has reconnected
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +82,7 @@ def _edit(count=1, frames=2, seed=0, images=True):
 
 
 def _assert_edit_works(suite):
-    frames = list(_editor(suite).Edit(_edit(), timeout=WAIT_S))
+    frames = _once_reconnected("an edit", lambda: list(_editor(suite).Edit(_edit(), timeout=WAIT_S)))
     assert [f.index for f in frames] == [0, 1] and frames[-1].stop_reason == editor_pb2.STOP_REASON_COMPLETED
 
 
@@ -144,9 +165,9 @@ def _repository_is_whole(root):
 
 def test_a_trainer_killed_mid_job_fails_the_job_with_its_reason_runs_the_queued_one_and_writes_nothing_half(suite):
     stub = corpus.trainer_stub(suite)
-    long_job = stub.StartJob(trainer_pb2.StartJobRequest(idempotency_key="kill-running", boundary=trainer_pb2.BoundaryJobSpec(
+    long_job = _once_reconnected("StartJob", lambda: stub.StartJob(trainer_pb2.StartJobRequest(idempotency_key="kill-running", boundary=trainer_pb2.BoundaryJobSpec(
         attribute=corpus.attribute("pose", "yaw"), num_samples=corpus.LONG_JOB_SAMPLES, keep_fraction=0.1,
-        options=trainer_pb2.TrainingOptions(artifact_name="never-written"))), timeout=60)
+        options=trainer_pb2.TrainingOptions(artifact_name="never-written"))), timeout=60))
     for event in stub.WatchJob(trainer_pb2.WatchJobRequest(id=long_job.id), timeout=WAIT_S):
         if event.job.state == trainer_pb2.JOB_STATE_RUNNING and event.job.progress > 0:
             break
