@@ -1,10 +1,10 @@
 """Runs jobs on worker threads, reporting progress into the store; cancellation is cooperative.
 
 A job runs once this runner has claimed it in the store (QUEUED -> RUNNING, atomically). With a
-shared store (PostgreSQL, several trainers) a coordinator thread also, every lease / 3:
-heartbeats the jobs this trainer runs (and stops those cancelled through another replica, or no
-longer its own), requeues jobs whose owner's lease expired, and claims queued jobs for idle
-workers (resolving each through `deps`, as a restart does). On shutdown a shared store gets the
+shared store (PostgreSQL, several trainers) two coordinator threads run every min(lease / 3, 2 s):
+one heartbeats the jobs this trainer holds (and stops those cancelled through another replica,
+or no longer its own) and requeues jobs whose owner's lease expired; the other claims queued
+jobs for idle workers (resolving each through `deps`, as a restart does). On shutdown a shared store gets the
 running jobs back as QUEUED for another trainer; SQLite marks them FAILED ("interrupted").
 """
 
@@ -106,11 +106,16 @@ class JobRunner:
         self.messages: dict[str, str] = {}
         self._shutting_down = False
         self._starting = threading.Lock()  # a job starts (QUEUED -> RUNNING) or the runner shuts down, not both
-        self._wake = threading.Event()  # set to make the coordinator act now (a worker freed, shutdown)
-        self._coordinator: threading.Thread | None = None
+        self._wake = threading.Event()  # set to make the claims thread act now (a worker freed, shutdown)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
         if store.shared:
-            self._coordinator = threading.Thread(target=self._coordinate, name="job-coordinator", daemon=True)
-            self._coordinator.start()
+            # Heartbeats on a thread of their own: resolving a claimed job (calls to the generator
+            # and scorer) must not delay them past the lease.
+            for name, step in (("job-heartbeat", self.beat), ("job-claims", self.claim_queued)):
+                thread = threading.Thread(target=self._coordinate, args=(step,), name=name, daemon=True)
+                thread.start()
+                self._threads.append(thread)
 
     def _context(self, job_id: str) -> JobContext:
         context = JobContext(self.store, job_id, threading.Event(), self.messages, owner=self.owner if self.store.shared else None)
@@ -138,7 +143,7 @@ class JobRunner:
             with self._starting:
                 if self._shutting_down:
                     # A queued job stays queued for the next start (or another trainer) to run; a
-                    # job claimed by the coordinator goes back to the queue.
+                    # job claimed by the claims thread goes back to the queue.
                     if claimed:
                         self.store.release(job_id, self.owner)
                     return
@@ -152,7 +157,7 @@ class JobRunner:
         finally:
             self._claimed.discard(job_id)
             self._contexts.pop(job_id, None)
-            self._wake.set()  # a worker is free: the coordinator may claim a queued job
+            self._wake.set()  # a worker is free: the claims thread may claim a queued job
 
     def _execute(self, context: JobContext, body: JobBody, params: Any) -> None:
         job_id = context.job_id
@@ -187,24 +192,35 @@ class JobRunner:
 
     # -- shared stores -----------------------------------------------------------------------
 
-    def _coordinate(self) -> None:
+    def _coordinate(self, step: Callable[[], None]) -> None:
         interval = max(0.05, min(self.store.lease_s / 3, 2.0))  # heartbeats well inside the lease; claims within 2 s
         while not self._shutting_down:
             try:
-                self.tick()
+                step()
             except Exception:  # noqa: BLE001 - e.g. the database restarting; try again next round
                 log.exception("job store coordination failed; retrying in %.1f s", interval)
-            self._wake.wait(interval)
-            self._wake.clear()
+            if step == self.claim_queued:
+                self._wake.wait(interval)  # a freed worker wakes it early
+                self._wake.clear()
+            else:
+                self._stopping.wait(interval)
 
     def tick(self) -> None:
-        """One round of heartbeats, lease expiry and claims (the coordinator's loop body)."""
+        """One round of heartbeats, lease expiry and claims (what the two coordinator threads do)."""
+        self.beat()
+        self.claim_queued()
+
+    def beat(self) -> None:
+        """Heartbeats for the jobs claimed here (stopping those cancelled or lost), then lease expiry."""
         # Only jobs claimed here: one submitted here and waiting for a worker is not ours yet.
-        for job_id in self.store.heartbeat(self.owner, sorted(self._claimed)):
+        for job_id in self.store.heartbeat(self.owner, sorted(self._claimed.copy())):
             context = self._contexts.get(job_id)
             if context is not None:
                 context.request_cancel()
         self.store.requeue_expired()
+
+    def claim_queued(self) -> None:
+        """Claims queued jobs while a worker is free, and hands them to the workers."""
         while self.deps is not None and not self._shutting_down and len(self._contexts) < self.workers:
             with self._starting:
                 if self._shutting_down:
@@ -242,13 +258,14 @@ class JobRunner:
         with self._starting:
             self._shutting_down = True
         self._wake.set()
-        if self._coordinator is not None:
-            self._coordinator.join(timeout=30)
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
         for context in list(self._contexts.values()):
             context.request_cancel()
         self._pool.shutdown(wait=True)
-        # Jobs the coordinator claimed whose run never started (cancelled futures) go back to the queue.
+        # Jobs the claims thread claimed whose run never started (cancelled futures) go back to the queue.
         for job_id in sorted(self._claimed):
             if self.store.shared:
                 self.store.release(job_id, self.owner)
