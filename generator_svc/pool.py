@@ -156,6 +156,7 @@ class LoadedGenerator:
                 max_queue_rows=self.config.max_queue_rows,
                 name=f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}",
                 kind="generator",
+                max_queue_wait_s=getattr(self.config, "max_queue_wait_s", None),  # None: the caller's deadline only
             )
             self._batchers[key] = batcher
         return batcher

@@ -101,10 +101,13 @@ class DynamicBatcher:
         name: str = "batcher",
         kind: str = "batcher",
         clock: Callable[[], float] = time.monotonic,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         """`name` names the worker thread; `kind` labels its metrics (a few values: "generator", "scorer");
-        `clock` (seconds) measures deadlines and batch times."""
+        `clock` (seconds) measures deadlines and batch times; `max_queue_wait_s` (None: no bound but
+        the caller's deadline) refuses any request with more estimated work ahead of it than that."""
         self._clock = clock
+        self.max_queue_wait_s = max_queue_wait_s
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -160,19 +163,19 @@ class DynamicBatcher:
                 raise ResourceExhausted(
                     f"queue full: {self._queued_rows} rows waiting, limit {self.max_queue_rows}; retry with backoff"
                 )
-            deadline = None
-            if timeout_s is not None:
-                if timeout_s <= 0:
+            if timeout_s is not None and timeout_s <= 0:
+                self._refuse("deadline")
+                raise DeadlineExceeded("the deadline had passed before the request was queued")
+            wait = self._expected_wait_locked()
+            if wait is not None:
+                ahead = f"busy: {self._queued_rows + self._running_rows} rows are ahead of this request, about {wait:.1f} s of work"
+                if timeout_s is not None and wait > timeout_s:
                     self._refuse("deadline")
-                    raise DeadlineExceeded("the deadline had passed before the request was queued")
-                wait = self._expected_wait_locked()
-                if wait is not None and wait > timeout_s:
-                    self._refuse("deadline")
-                    raise ResourceExhausted(
-                        f"busy: {self._queued_rows + self._running_rows} rows are ahead of this request, about {wait:.1f} s "
-                        f"of work, longer than the {timeout_s:.1f} s left before its deadline; retry with backoff"
-                    )
-                deadline = self._clock() + timeout_s
+                    raise ResourceExhausted(f"{ahead}, longer than the {timeout_s:.1f} s left before its deadline; retry with backoff")
+                if self.max_queue_wait_s is not None and wait > self.max_queue_wait_s:
+                    self._refuse("queue_wait")
+                    raise ResourceExhausted(f"{ahead}, more than the queue's limit of {self.max_queue_wait_s:g} s; retry with backoff")
+            deadline = None if timeout_s is None else self._clock() + timeout_s
             pending = _Pending(rows, deadline)
             self._queue.append(pending)
             self._queued_rows += len(rows)

@@ -25,7 +25,7 @@ process and Python collectors come with them):
     latentedit_batch_duration_seconds{batcher}              compute time per batch
     latentedit_batcher_rows_total{batcher}                  rows computed (rate() = rows/s)
     latentedit_batcher_dropped_rows_total{batcher,reason}   rows dropped unrun (cancelled, expired)
-    latentedit_batcher_refused_total{batcher,reason}        requests refused at admission (queue_full, deadline)
+    latentedit_batcher_refused_total{batcher,reason}        requests refused at admission (queue_full, deadline, queue_wait)
     latentedit_batcher_queue_rows{batcher}                  rows waiting now
     latentedit_batchers{batcher}                            batchers alive (one thread each)
     latentedit_model_load_seconds{kind}                     time to load (and warm) a model
@@ -121,8 +121,9 @@ BATCH_DURATION = Histogram("latentedit_batch_duration_seconds", "Compute time pe
 BATCHER_ROWS = Counter("latentedit_batcher_rows", "Rows computed by batchers (rate() gives rows/s).", ["batcher"])
 BATCHER_DROPPED = Counter("latentedit_batcher_dropped_rows", "Rows dropped before computing: cancelled (caller gone) or "
                           "expired (deadline passed while queued).", ["batcher", "reason"])
-BATCHER_REFUSED = Counter("latentedit_batcher_refused", "Requests refused at admission: queue_full (row bound) or deadline "
-                          "(the work ahead outlasts the caller's deadline).", ["batcher", "reason"])
+BATCHER_REFUSED = Counter("latentedit_batcher_refused", "Requests refused at admission: queue_full (row bound), deadline "
+                          "(the work ahead outlasts the caller's deadline) or queue_wait (it outlasts max_queue_wait_s).",
+                          ["batcher", "reason"])
 MODEL_LOAD = Histogram("latentedit_model_load_seconds", "Time to load a model (and warm it up, for generators).", ["kind"],
                        buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 MODELS_LOADED = Gauge("latentedit_models_loaded", "Models loaded now, by kind.", ["kind"])

@@ -134,6 +134,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
                     max_queue_rows=self.config.max_queue_rows,
                     name=f"score-{'-'.join(names)[:40]}",
                     kind="scorer",
+                    max_queue_wait_s=getattr(self.config, "max_queue_wait_s", None),  # None: the caller's deadline only
                 )
                 self._batchers[key] = batcher
                 while len(self._batchers) > self.max_batchers:

@@ -259,3 +259,28 @@ def test_queue_full_refusals_are_counted():
     first.result(10)
     queued.result(10)
     batcher.close()
+
+
+def test_a_queue_wait_bound_refuses_whatever_the_deadline():
+    clock = FakeClock()
+    compute, entered, release, seen = _timed_backend(clock, rows_per_s=10)
+    batcher = DynamicBatcher(compute, max_batch_size=10, max_queue_delay_s=0, max_queue_rows=1000, clock=clock,
+                             max_queue_wait_s=2.2)
+    release.set()
+    batcher.submit(np.zeros((10, 1))).result(10)  # measures 10 rows/s
+    release.clear()
+    entered.clear()
+    running = batcher.submit(np.zeros((10, 1)))
+    assert entered.wait(10), "the worker never took the batch"
+    queued = batcher.submit(np.zeros((10, 1)), timeout_s=600)  # 1 s of work ahead: within 2.2 s
+    admitted = batcher.submit(np.zeros((5, 1)))  # 2 s ahead, no deadline: admitted
+    with pytest.raises(ResourceExhausted, match=r"25 rows are ahead of this request, about 2\.5 s of work, more than the queue's limit of 2\.2 s"):
+        batcher.submit(np.zeros((1, 1)))
+    assert batcher.stats.refused_requests == 1
+    with pytest.raises(ResourceExhausted, match=r"more than the queue's limit of 2\.2 s"):
+        batcher.submit(np.zeros((1, 1)), timeout_s=600)  # a long deadline does not lift the bound
+    release.set()
+    for future in (running, queued, admitted):
+        future.result(10)
+    batcher.close()
+    assert seen == [10, 10, 10, 5], seen
