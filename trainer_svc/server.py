@@ -23,7 +23,8 @@ def build(config: Config) -> tuple[ServiceHost, JobStore]:
     host = ServiceHost.for_service("trainer", config)  # checks the security settings first
     # Jobs call the generator and scorer with the trainer's own credentials, never a caller's.
     services = Services(config.address("generator"), config.address("scorer"),
-                        security=ClientSecurity.for_service(config.security, "trainer"), service="trainer")
+                        security=ClientSecurity.for_service(config.security, "trainer"), service="trainer",
+                        max_message_bytes=config.services["trainer"].max_message_bytes)
     repo = ModelRepository(config.repository)
     store = JobStore(repo.root)
     runner = JobRunner(store, workers=config.trainer.workers)
