@@ -156,7 +156,7 @@ class LoadedGenerator:
                 max_queue_rows=self.config.max_queue_rows,
                 name=f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}",
                 kind="generator",
-                max_queue_wait_s=getattr(self.config, "max_queue_wait_s", None),  # None: the caller's deadline only
+                max_queue_wait_s=self.config.max_queue_wait_s,  # None: the caller's deadline only
             )
             self._batchers[key] = batcher
         return batcher
@@ -198,7 +198,7 @@ class GeneratorPool:
         self.config = config
         self.device = resolve_device(config.device)
         if max_loaded is None:
-            max_loaded = int(getattr(config, "max_loaded_models", MAX_LOADED_MODELS))
+            max_loaded = config.max_loaded_models
         self.max_loaded = max(1, max_loaded)
         # Least recently used first.
         self._loaded: OrderedDict[tuple[str, int], LoadedGenerator] = OrderedDict()

@@ -49,6 +49,11 @@ class GeneratorConfig:
     poll_interval_s: float = 5.0
     threads: int = 0  # intra-op threads for torch and ONNX Runtime; 0: their defaults
     onnx_opset: int = 17
+    # Model versions kept loaded; one more unloads the least recently used (calls using it finish).
+    max_loaded_models: int = 4
+    # Refuse a request with more estimated work queued ahead of it than this (RESOURCE_EXHAUSTED),
+    # whatever its deadline; None: only the queue's row bound and the caller's deadline refuse.
+    max_queue_wait_s: float | None = None
 
 
 @dataclass
@@ -61,6 +66,9 @@ class ScorerConfig:
     max_text_chars: int = 2000
     poll_interval_s: float = 5.0
     threads: int = 0  # torch intra-op threads; 0: torch's default
+    # Batchers (one per heads and image size, one thread each) kept; the least recently used ends.
+    max_batchers: int = 16
+    max_queue_wait_s: float | None = None  # as GeneratorConfig.max_queue_wait_s
 
 
 @dataclass

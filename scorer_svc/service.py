@@ -54,7 +54,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         self.scorer = scorer
         self.config = config
         if max_batchers is None:
-            max_batchers = int(getattr(config, "max_batchers", MAX_BATCHERS))
+            max_batchers = config.max_batchers
         self.max_batchers = max(1, max_batchers)
         self._batchers: OrderedDict[tuple, DynamicBatcher] = OrderedDict()  # least recently used first
         self._retired = BatcherStats()  # what unloaded batchers had done
@@ -134,7 +134,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
                     max_queue_rows=self.config.max_queue_rows,
                     name=f"score-{'-'.join(names)[:40]}",
                     kind="scorer",
-                    max_queue_wait_s=getattr(self.config, "max_queue_wait_s", None),  # None: the caller's deadline only
+                    max_queue_wait_s=self.config.max_queue_wait_s,  # None: the caller's deadline only
                 )
                 self._batchers[key] = batcher
                 while len(self._batchers) > self.max_batchers:
