@@ -165,7 +165,7 @@ def test_bad_sgf_targets(stubs, attribute_mapping):
     _expect(editor, editor_pb2.EditRequest(seed=seed, sgf=editor_pb2.SGFEdit(mapping="sgf-attributes", attributes=attr(
         types_pb2.AttributeRef(head="age_gender", output="age")))), grpc.StatusCode.NOT_FOUND, "not one the mapping was trained on")
     _expect(editor, editor_pb2.EditRequest(seed=seed, sgf=editor_pb2.SGFEdit(mapping="never-trained", attributes=attr(YAW))),
-            grpc.StatusCode.FAILED_PRECONDITION, "no trained SGF mapping named 'never-trained'")
+            grpc.StatusCode.NOT_FOUND, "no trained SGF mapping named 'never-trained'")
     _expect(editor, editor_pb2.EditRequest(seed=seed, sgf=editor_pb2.SGFEdit(mapping="sgf-attributes", caption=editor_pb2.CaptionTarget(text="x"))),
             grpc.StatusCode.FAILED_PRECONDITION, "trained on attributes conditions")
     _expect(editor, editor_pb2.EditRequest(seed=seed, sgf=editor_pb2.SGFEdit(mapping="sgf-attributes")),

@@ -322,9 +322,10 @@ class PreparedMapping:
 
 
 def load_mapping(repo: ModelRepository, name: str, version: int = 0, generator: str | None = None) -> PreparedMapping:
-    # A missing mapping is a precondition (train it first), not an unknown name in the request.
-    entry = resolve_trained(repo, MAPPING_KIND, "trained SGF mapping", name, version, generator, FailedPrecondition,
-                            "; train one with a mapping job")
+    # An unknown name is NOT_FOUND, as for boundaries and directions (the hint says how to make one);
+    # FAILED_PRECONDITION is kept for a mapping that exists but does not fit the request.
+    entry = resolve_trained(repo, MAPPING_KIND, "trained SGF mapping", name, version, generator,
+                            hint="; train one with a mapping job")
     mapping = AuxiliaryMapping(**entry.manifest["config"], coefficient=float(entry.manifest["coefficient"]))
     mapping.load_state_dict(load_tensors(entry, "mapping"))
     return PreparedMapping(mapping.eval(), ConditionSpec.from_dict(entry.manifest["condition"]), entry.manifest.get("space", "z"))
