@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc
 from latentedit.rpc.client import connect, wait_serving
-from latentedit.rpc.serving import KEEPALIVE_TIME_MS, client_channel_options
+from latentedit.rpc.serving import KEEPALIVE_TIME_MS, MAX_RECONNECT_BACKOFF_MS, client_channel_options
 from tests.conftest import free_port, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +31,8 @@ def test_client_channels_balance_round_robin_and_keep_alive():
     options = dict(client_channel_options(1234))
     assert json.loads(options["grpc.service_config"]) == {"loadBalancingConfig": [{"round_robin": {}}]}
     assert options["grpc.keepalive_time_ms"] == KEEPALIVE_TIME_MS
+    # A restarted dependency is retried within seconds, not gRPC's default of up to 120 s.
+    assert options["grpc.max_reconnect_backoff_ms"] == MAX_RECONNECT_BACKOFF_MS <= 10_000
     assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == 1234
 
 

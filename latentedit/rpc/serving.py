@@ -45,6 +45,7 @@ LIVENESS = "liveness"
 # GOAWAY "too_many_pings" as gRPC's 5-minute default would.
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+MAX_RECONNECT_BACKOFF_MS = 5_000
 
 
 def channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tuple[str, Any]]:
@@ -70,6 +71,10 @@ def client_channel_options(max_message_bytes: int = 64 * 1024 * 1024) -> list[tu
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # gRPC's reconnect backoff grows to 120 s by default: a dependency back after a restart
+        # would stay "connection refused" to its callers for up to two minutes.
+        ("grpc.min_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
 
 
