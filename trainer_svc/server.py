@@ -26,9 +26,9 @@ def build(config: Config) -> tuple[ServiceHost, JobStore]:
                         security=ClientSecurity.for_service(config.security, "trainer"), service="trainer",
                         max_message_bytes=config.services["trainer"].max_message_bytes)
     repo = ModelRepository(config.repository)
-    store = JobStore(repo.root)
-    runner = JobRunner(store, workers=config.trainer.workers)
+    store = JobStore.open(repo.root)  # LATENTEDIT_JOB_STORE=postgres (+ _DSN): several trainers (trainer_svc/stores.py)
     deps = jobs.Dependencies(repo, services, config.trainer.call_timeout_s)
+    runner = JobRunner(store, workers=config.trainer.workers, deps=deps)  # deps: resolves jobs claimed from a shared store
     servicer = TrainerServicer(store, runner, deps)
     host.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)
     host.on_shutdown(runner.close)
