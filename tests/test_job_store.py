@@ -637,6 +637,12 @@ def _owner(dsn: str, job_id: str) -> tuple[str | None, int]:
     return owner, attempts
 
 
+def _owner_pid(dsn: str, job_id: str) -> int | None:
+    """The pid in the owner id (hostname-pid-random) of the trainer holding the job."""
+    owner, _ = _owner(dsn, job_id)
+    return int(owner.split("-")[-2]) if owner else None
+
+
 def test_two_trainers_one_killed_mid_job_the_other_requeues_and_finishes_it(installed_repo, postgres, tmp_path):
     from latentedit.install import link_or_copy
 
@@ -663,22 +669,21 @@ def test_two_trainers_one_killed_mid_job_the_other_requeues_and_finishes_it(inst
                 break
             assert event.job.state in (QUEUED, RUNNING), event.job
         owner, attempts = _owner(dsn, job.id)
-        victim = pids[int(owner.split("-")[-2])]
+        victim = pids[_owner_pid(dsn, job.id)]
         survivor = next(n for n in pids.values() if n != victim)
         assert attempts == 1
         services.processes[victim].send_signal(signal.SIGKILL)
         services.processes[victim].wait(30)
         # The survivor requeues the job once the victim's lease (2 s) expired, claims and finishes it.
         survivor_pid = services.processes[survivor].pid
-        wait_for(lambda: _owner(dsn, job.id)[0].split("-")[-2] == str(survivor_pid) if _owner(dsn, job.id)[0] else False,
-                 60, f"{survivor} to claim the job again; {survivor}: {services.log(survivor)}")
+        wait_for(lambda: _owner_pid(dsn, job.id) == survivor_pid, 60, f"{survivor} to claim the job again")
         final = None
         for event in services.trainer(survivor).WatchJob(trainer_pb2.WatchJobRequest(id=job.id), timeout=300):
             final = event.job
         assert final is not None and final.state == SUCCEEDED, (trainer_pb2.JobState.Name(final.state), final.error,
                                                                 services.log(survivor))
         owner, attempts = _owner(dsn, job.id)
-        assert pids[int(owner.split("-")[-2])] == survivor and attempts == 2
+        assert pids[_owner_pid(dsn, job.id)] == survivor and attempts == 2
         assert final.artifact.ref.name == "failover"
         assert len(list(services.trainer(survivor).ListJobs(trainer_pb2.ListJobsRequest(), timeout=30).jobs)) == 1
     finally:
