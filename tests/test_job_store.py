@@ -214,6 +214,8 @@ def test_list_pages_newest_first_with_a_state_filter(store):
     assert [j.id for j in store.list([RUNNING, SUCCEEDED], limit=10, offset=0)] == [ids[2], ids[1]]
     assert [j.id for j in store.list([QUEUED], limit=2, offset=4)] == [ids[0]]
     assert store.list([FAILED], limit=10, offset=0) == []
+    # What the trainer's latentedit_jobs gauge reads.
+    assert store.count_by_state() == {"QUEUED": 5, "RUNNING": 1, "SUCCEEDED": 1}
 
 
 def test_claims_move_queued_jobs_to_running_once_oldest_first(store):

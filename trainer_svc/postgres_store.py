@@ -156,6 +156,11 @@ class PostgresJobStore:
             rows = db.execute(query, (*args, limit, offset)).fetchall()
         return [trainer_pb2.Job.FromString(r[0]) for r in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        with self._tx() as db:
+            rows = db.execute(f"SELECT state, COUNT(*) FROM {TABLE} GROUP BY state").fetchall()
+        return {trainer_pb2.JobState.Name(state).removeprefix("JOB_STATE_"): count for state, count in rows}
+
     # -- coordination ------------------------------------------------------------------------
 
     def _claim(self, where: str, args: tuple, owner: str) -> trainer_pb2.Job | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from latentedit import observability
 from latentedit.api.v1 import trainer_pb2, trainer_pb2_grpc
 from latentedit.config import Config
 from latentedit.repository import ModelRepository
@@ -14,12 +15,13 @@ from trainer_svc import jobs
 from trainer_svc.runner import JobRunner
 from trainer_svc.service import TrainerServicer
 from trainer_svc.store import JobStore
+from trainer_svc.stores import JobStoreBackend
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
-def build(config: Config) -> tuple[ServiceHost, JobStore]:
+def build(config: Config) -> tuple[ServiceHost, JobStoreBackend]:
     host = ServiceHost.for_service("trainer", config)  # checks the security settings first
     # Jobs call the generator and scorer with the trainer's own credentials, never a caller's.
     services = Services(config.address("generator"), config.address("scorer"),
@@ -27,6 +29,10 @@ def build(config: Config) -> tuple[ServiceHost, JobStore]:
                         max_message_bytes=config.services["trainer"].max_message_bytes)
     repo = ModelRepository(config.repository)
     store = JobStore.open(repo.root)  # LATENTEDIT_JOB_STORE=postgres (+ _DSN): several trainers (trainer_svc/stores.py)
+    # Jobs by state, read from the store at every scrape (all replicas' jobs with PostgreSQL).
+    observability.register_gauge_callback("latentedit_jobs", "Training jobs by state.",
+                                          lambda: {(state,): count for state, count in store.count_by_state().items()},
+                                          labels=("state",))
     deps = jobs.Dependencies(repo, services, config.trainer.call_timeout_s)
     runner = JobRunner(store, workers=config.trainer.workers, deps=deps)  # deps: resolves jobs claimed from a shared store
     servicer = TrainerServicer(store, runner, deps)

@@ -8,13 +8,14 @@ from latentedit.limits import LIMITS, check_text
 from latentedit.rpc.remote_world import CallScope, RemoteWorld
 from trainer_svc import jobs
 from trainer_svc.runner import JobRunner
-from trainer_svc.store import TERMINAL, JobStore
+from trainer_svc.store import TERMINAL
+from trainer_svc.stores import JobStoreBackend
 
 MAX_PAGE = LIMITS.page_size
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, store: JobStore, runner: JobRunner, deps: jobs.Dependencies) -> None:
+    def __init__(self, store: JobStoreBackend, runner: JobRunner, deps: jobs.Dependencies) -> None:
         self.store = store
         self.runner = runner
         self.deps = deps

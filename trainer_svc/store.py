@@ -215,6 +215,11 @@ class JobStore:
         rows = self._db.execute(query, (*args, limit, offset)).fetchall()
         return [trainer_pb2.Job.FromString(r[0]) for r in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {trainer_pb2.JobState.Name(state).removeprefix("JOB_STATE_"): count for state, count in rows}
+
     def recover(self) -> builtins.list[str]:
         """After a restart: running jobs fail with the reason; returns the queued ones to run."""
         for job in self.list([trainer_pb2.JOB_STATE_RUNNING], limit=100000, offset=0):

@@ -59,6 +59,9 @@ class JobStoreBackend(Protocol):
     def list(self, states: builtins.list[int], limit: int, offset: int) -> builtins.list[trainer_pb2.Job]:
         """Newest first (created, then id), filtered by state when `states` is not empty."""
 
+    def count_by_state(self) -> dict[str, int]:
+        """Jobs per state name ("QUEUED", "RUNNING", ...), for the trainer's jobs-by-state gauge."""
+
     def claim(self, job_id: str, owner: str) -> trainer_pb2.Job | None:
         """QUEUED -> RUNNING for `owner`, atomically; None if the job is not queued (any more)."""
 
