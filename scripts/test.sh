@@ -7,4 +7,6 @@ echo "[checks] ruff (whole tree), mypy (the core library), buf breaking (against
 .venv/bin/ruff check --quiet .
 .venv/bin/mypy --no-error-summary latentedit
 .venv/bin/buf breaking --against protos/released/v1.binpb
+# The set-up provides PostgreSQL, so its job-store tests must run here, never skip.
+export LATENTEDIT_REQUIRE_POSTGRES=${LATENTEDIT_REQUIRE_POSTGRES:-1}
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
