@@ -191,16 +191,29 @@ def latency(editor, boundary_name: str, base) -> str:
             first = first or time.perf_counter() - start
         return first, time.perf_counter() - start
 
-    runs = {"in-process": [], "through the services": []}
-    for _ in range(5):
-        runs["in-process"].append(in_process())
-        runs["through the services"].append(through_services())
-    med = {k: np.median(np.array(v), axis=0) for k, v in runs.items()}
-    rows = ["| path | first frame (ms) | 16 frames (ms) |", "|---|---|---|"]
-    rows += [f"| {k} | {v[0] * 1000:.0f} | {v[1] * 1000:.0f} |" for k, v in med.items()]
-    ratio = med["through the services"][1] / med["in-process"][1]
-    rows.append(f"\nMedian of 5 runs each, interleaved. Services / in-process total time: {ratio:.2f}x "
-                "(the services run as four processes on the same 2 cores as this client).")
+    sides = {"in-process": in_process, "through the services": through_services}
+    for run in sides.values():  # both sides warmed (first calls load and trace models) before timing
+        run()
+        run()
+    repetitions = 7
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    for repetition in range(repetitions):
+        # Interleaved, alternating which side goes first (A B, B A, ...), so drift hits both alike.
+        order = list(sides) if repetition % 2 == 0 else list(reversed(sides))
+        for name in order:
+            runs[name].append(sides[name]())
+    table = {k: np.array(v) * 1000 for k, v in runs.items()}
+    rows = ["| path | first frame, ms: median (min-max) | 16 frames, ms: median (min-max) |", "|---|---|---|"]
+    for name, ms in table.items():
+        rows.append(f"| {name} | {np.median(ms[:, 0]):.0f} ({ms[:, 0].min():.0f}-{ms[:, 0].max():.0f}) "
+                    f"| {np.median(ms[:, 1]):.0f} ({ms[:, 1].min():.0f}-{ms[:, 1].max():.0f}) |")
+    # Ratios of the paired runs of one repetition, then their median and spread.
+    total = table["through the services"][:, 1] / table["in-process"][:, 1]
+    first = table["through the services"][:, 0] / table["in-process"][:, 0]
+    rows.append(f"\n{repetitions} interleaved repetitions after 2 warm-up runs per side. Services / in-process, per "
+                f"repetition: total time {np.median(total):.2f}x ({total.min():.2f}-{total.max():.2f}), first frame "
+                f"{np.median(first):.2f}x ({first.min():.2f}-{first.max():.2f}); the services run as four processes on "
+                "the same cores as this client.")
     print("\n".join(rows), flush=True)
     return "\n".join(rows)
 
