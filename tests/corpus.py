@@ -868,6 +868,20 @@ def _security_section(code_root: Path) -> dict[str, Any]:
     return {}
 
 
+
+def stop_processes(processes) -> None:
+    """SIGTERM every process still running, then wait (30 s each; kill -9 past that)."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
 class ProcessSuite:
     """generator, scorer, trainer and editor, each its own `latentedit serve NAME` process."""
 
@@ -977,15 +991,7 @@ class ProcessSuite:
         return self.processes[name].poll() is None
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_processes(self.processes.values())
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()

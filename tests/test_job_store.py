@@ -30,6 +30,7 @@ import yaml
 
 from latentedit.api.v1 import trainer_pb2, types_pb2
 from latentedit.errors import InvalidArgument, NotFound
+from tests.corpus import stop_processes
 from trainer_svc.store import JobStore, mark_finished
 from trainer_svc.stores import JobStoreBackend, open_store
 
@@ -620,15 +621,7 @@ class Services:
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        stop_processes(self.processes.values())
 
 
 def _owner(dsn: str, job_id: str) -> tuple[str | None, int]:
