@@ -149,15 +149,8 @@ class LoadedGenerator:
         batcher = self._batchers.get(key)
         if batcher is None:
             layers = list(to_layers)
-            batcher = DynamicBatcher(
-                lambda rows: backend.run(rows, from_layer, layers),
-                max_batch_size=self.config.max_batch_size,
-                max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
-                max_queue_rows=self.config.max_queue_rows,
-                name=f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}",
-                kind="generator",
-                max_queue_wait_s=self.config.max_queue_wait_s,  # None: the caller's deadline only
-            )
+            batcher = DynamicBatcher.from_config(lambda rows: backend.run(rows, from_layer, layers), self.config,
+                                                 f"batch-{self.entry.name}-v{self.entry.version}-{backend.name}", "generator")
             self._batchers[key] = batcher
         return batcher
 

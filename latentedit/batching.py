@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from latentedit import observability as obs
+from latentedit.config import GeneratorConfig, ScorerConfig
 from latentedit.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ obs.register_gauge_callback(
 
 
 class DynamicBatcher:
+    @classmethod
+    def from_config(cls, run_batch: BatchFn, config: GeneratorConfig | ScorerConfig, name: str, kind: str) -> DynamicBatcher:
+        """A batcher with a service's batching settings (size, delay, row bound, queue-wait bound)."""
+        return cls(run_batch, max_batch_size=config.max_batch_size, max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
+                   max_queue_rows=config.max_queue_rows, name=name, kind=kind, max_queue_wait_s=config.max_queue_wait_s)
+
     def __init__(
         self,
         run_batch: BatchFn,

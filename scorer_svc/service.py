@@ -127,15 +127,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServiceServicer):
         with self._lock:  # lookup and submit in one step: an unloaded batcher is never handed work
             batcher = self._batchers.get(key)
             if batcher is None:
-                batcher = DynamicBatcher(
-                    lambda rows: _flatten(self.scorer.score(rows, names)),
-                    max_batch_size=self.config.max_batch_size,
-                    max_queue_delay_s=self.config.max_queue_delay_ms / 1000.0,
-                    max_queue_rows=self.config.max_queue_rows,
-                    name=f"score-{'-'.join(names)[:40]}",
-                    kind="scorer",
-                    max_queue_wait_s=self.config.max_queue_wait_s,  # None: the caller's deadline only
-                )
+                batcher = DynamicBatcher.from_config(lambda rows: _flatten(self.scorer.score(rows, names)), self.config,
+                                                     f"score-{'-'.join(names)[:40]}", "scorer")
                 self._batchers[key] = batcher
                 while len(self._batchers) > self.max_batchers:
                     evicted.append(self._batchers.popitem(last=False)[1])
