@@ -173,9 +173,10 @@ class _CallbackGauges(Collector):
         with self._lock:
             self._gauges[name] = (help_text, tuple(labels), fn)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, fn: GaugeFn | None = None) -> None:
         with self._lock:
-            self._gauges.pop(name, None)
+            if fn is None or (name in self._gauges and self._gauges[name][2] is fn):
+                self._gauges.pop(name, None)
 
     def describe(self):
         return []  # values are only known at scrape time; names may be added later
@@ -212,8 +213,10 @@ def register_gauge_callback(name: str, help_text: str, fn: GaugeFn, labels: Sequ
     _CALLBACK_GAUGES.set(name, help_text, fn, labels)
 
 
-def unregister_gauge_callback(name: str) -> None:
-    _CALLBACK_GAUGES.remove(name)
+def unregister_gauge_callback(name: str, fn: GaugeFn | None = None) -> None:
+    """Stop exposing `name`; with `fn`, only while `fn` is still its callback (a service shutting
+    down must not remove the gauge of one built after it in the same process)."""
+    _CALLBACK_GAUGES.remove(name, fn)
 
 
 # ---- traces ----------------------------------------------------------------------------------

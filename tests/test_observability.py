@@ -165,6 +165,28 @@ def test_gauge_callbacks_are_read_at_scrape_time(suite):
     assert ("latentedit_test_jobs", frozenset({("state", "SUCCEEDED")})) not in scrape(port)
 
 
+def test_a_stopped_trainer_stops_exposing_its_jobs_gauge(installed_repo, fresh_repo, caplog):
+    """A trainer's jobs gauge reads its store; once stopped (store closed) the gauge goes with it, and
+    stopping an older trainer leaves a newer one's gauge in place (found in CI: a closed SQLite store
+    logged an error at every scrape)."""
+    from prometheus_client import REGISTRY
+
+    from tests.conftest import make_config
+    from trainer_svc.server import build
+
+    older, _ = build(make_config(fresh_repo))
+    newer, _ = build(make_config(installed_repo))
+    try:
+        older.stop(0)
+        with caplog.at_level(logging.ERROR, logger="latentedit.observability"):
+            assert "latentedit_jobs" in {family.name for family in REGISTRY.collect()}
+    finally:
+        newer.stop(0)
+    with caplog.at_level(logging.ERROR, logger="latentedit.observability"):
+        assert "latentedit_jobs" not in {family.name for family in REGISTRY.collect()}
+    assert not [r for r in caplog.records if "gauge callback" in r.getMessage()], caplog.text
+
+
 def _trace_of(spans, edit_trace_id):
     return [s for s in spans if s.context.trace_id == edit_trace_id]
 

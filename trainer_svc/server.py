@@ -30,14 +30,14 @@ def build(config: Config) -> tuple[ServiceHost, JobStoreBackend]:
     repo = ModelRepository(config.repository)
     store = JobStore.open(repo.root)  # LATENTEDIT_JOB_STORE=postgres (+ _DSN): several trainers (trainer_svc/stores.py)
     # Jobs by state, read from the store at every scrape (all replicas' jobs with PostgreSQL).
-    observability.register_gauge_callback("latentedit_jobs", "Training jobs by state.",
-                                          lambda: {(state,): count for state, count in store.count_by_state().items()},
-                                          labels=("state",))
+    jobs_by_state = lambda: {(state,): count for state, count in store.count_by_state().items()}  # noqa: E731
+    observability.register_gauge_callback("latentedit_jobs", "Training jobs by state.", jobs_by_state, labels=("state",))
     deps = jobs.Dependencies(repo, services, config.trainer.call_timeout_s)
     runner = JobRunner(store, workers=config.trainer.workers, deps=deps)  # deps: resolves jobs claimed from a shared store
     servicer = TrainerServicer(store, runner, deps)
     host.add(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)
     host.on_shutdown(runner.close)
+    host.on_shutdown(lambda: observability.unregister_gauge_callback("latentedit_jobs", jobs_by_state))
     host.on_shutdown(store.close)
     host.start()
     # Jobs left queued by a previous run go back to the runner; running ones were marked failed.
