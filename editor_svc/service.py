@@ -123,7 +123,8 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
             raise InvalidArgument(f"image_encoding {request.image_encoding} is unknown")
         world = self._world(context, "the edit")
         generator = world.generator(request.generator.name, request.generator.version)
-        frames = FrameRequest(tuple(require_heads(world, request.score_heads)), images=not request.omit_images)
+        frames = FrameRequest(tuple(require_heads(world, request.score_heads)), images=not request.omit_images,
+                              chunk_rows=self.config.chunk_rows)
         artifact = method.prepare(self.repo, generator, options)
         start = self._start(request, world, generator, artifact.space)
         for frame in method.edit(world, generator, artifact, start, options, frames):

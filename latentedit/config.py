@@ -86,6 +86,9 @@ class EditorConfig:
     default_generator: str = "dcgan-faces"  # for Invert, which runs on the weights here
     # Longest one downstream call may take; the caller's remaining deadline, when shorter, wins.
     call_timeout_s: float = 300.0
+    # Trajectories known ahead: after the first frame (alone), rows (seeds x frames) per generator
+    # and scorer call, one chunk synthesized while the previous one is scored; 0: one frame per call, in sequence.
+    chunk_rows: int = 16
 
 
 @dataclass

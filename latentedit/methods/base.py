@@ -9,8 +9,12 @@ translate protos at their edge; the evaluation runs the same `edit` on a `LocalW
 
 from __future__ import annotations
 
+import contextvars
+import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -19,7 +23,7 @@ import numpy as np
 
 from latentedit.attributes import Attribute
 from latentedit.config import EditorConfig
-from latentedit.errors import InvalidArgument, NotFound, shown
+from latentedit.errors import Cancelled, InvalidArgument, NotFound, shown
 from latentedit.latents import Latents
 from latentedit.limits import LIMITS, check_range
 from latentedit.repository import Entry, ModelRepository, validate_name
@@ -45,12 +49,22 @@ class Frame:
     stop: str = ""
 
 
+# Rows (latents x frames) synthesized and scored per call by `path_frames` after the first frame.
+DEFAULT_CHUNK_ROWS = 16
+
+
 @dataclass(frozen=True)
 class FrameRequest:
-    """What the caller wants in every frame: scores of these heads, and the images or not."""
+    """What the caller wants in every frame: scores of these heads, and the images or not.
+
+    `chunk_rows`: how `path_frames` renders a trajectory known ahead. 0: the plain loop, one
+    synthesize then one score call per frame, in sequence. Otherwise the first frame alone, then
+    chunks of about this many rows (whole frames, at least one), each chunk synthesized while the
+    previous one is scored (see `path_frames`)."""
 
     heads: tuple[str, ...] = ()
     images: bool = True
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
 
 
 @dataclass(frozen=True)
@@ -190,14 +204,122 @@ def requested(scores: Scores, frames: FrameRequest) -> Scores:
     return {head: scores[head] for head in frames.heads if head in scores}
 
 
+Synthesize = Callable[[Latents], np.ndarray]
+
+
 def path_frames(world: World, generator: GeneratorInfo, path: Iterable[tuple[Latents, dict[str, float]]],
-                frames: FrameRequest, length: int) -> Iterator[Frame]:
-    """Frames of a trajectory known ahead (linear methods): each rendered and sent in order,
-    the last one marked COMPLETED. `path` yields (latents, metrics) per frame."""
+                frames: FrameRequest, length: int, synthesize: Synthesize | None = None) -> Iterator[Frame]:
+    """Frames of a trajectory known ahead (open-loop methods): each rendered and yielded in order,
+    the last one marked COMPLETED. `path` yields (latents, metrics) per frame; `synthesize`
+    renders latents (default: `world.synthesize`; a method with its own rendering, e.g. DP-LaSE's
+    subspace refinement, passes one that takes any number of rows).
+
+    With `frames.chunk_rows` 0 every frame is synthesized, then scored, then yielded. Otherwise
+    the first frame goes alone (the lowest latency to the first frame), then the rest in chunks of
+    whole frames: while chunk k is scored, chunk k+1 is synthesized, and the frames of chunk k-1
+    are with the consumer (encoded, sent). Frames, latents and scores are those of the plain loop,
+    in the same order. At most two chunks are in flight: a consumer that stops (closes this
+    generator, or a RemoteWorld whose caller has gone) stops the generator and scorer work within
+    one chunk."""
+    if frames.chunk_rows <= 0 or (not frames.heads and not frames.images):
+        yield from _sequential_frames(world, generator, path, frames, length, synthesize)
+        return
+    yield from _Pipeline(world, generator, frames, synthesize).frames(path, length)
+
+
+def _sequential_frames(world: World, generator: GeneratorInfo, path: Iterable[tuple[Latents, dict[str, float]]],
+                       frames: FrameRequest, length: int, synthesize: Synthesize | None) -> Iterator[Frame]:
     for index, (latents, metrics) in enumerate(path):
-        images, scores = render(world, generator, latents, frames)
+        if synthesize is None:
+            images, scores = render(world, generator, latents, frames)
+        elif frames.heads or frames.images:
+            images = synthesize(latents)
+            scores = world.score(images, list(frames.heads))
+        else:
+            images, scores = None, {}
         yield Frame(index, latents, images if frames.images else None, scores, metrics,
                     COMPLETED if index == length - 1 else "")
+
+
+def _split_scores(scores: Scores, start: int, stop: int) -> Scores:
+    return {head: {key: values[start:stop] for key, values in outputs.items()} for head, outputs in scores.items()}
+
+
+class _Pipeline:
+    """`path_frames`' chunked rendering: one worker thread calls the generator, another the
+    scorer, so the two are busy at the same time; the consumer's thread only takes results."""
+
+    def __init__(self, world: World, generator: GeneratorInfo, frames: FrameRequest, synthesize: Synthesize | None) -> None:
+        self.world = world
+        self.heads = list(frames.heads)
+        self.images = frames.images
+        self.chunk_rows = frames.chunk_rows
+        self.synthesize: Synthesize = synthesize or (lambda latents: world.synthesize(generator, latents))
+        self.stopped = threading.Event()
+
+    def _render(self, chunk: list[tuple[int, Latents, dict[str, float]]], scorer: ThreadPoolExecutor) -> Future:
+        """Synthesize the chunk (in the calling generator thread); score it on the scorer thread."""
+        if self.stopped.is_set():
+            raise Cancelled("the edit's consumer has gone")
+        latents = chunk[0][1] if len(chunk) == 1 else Latents(chunk[0][1].space, np.concatenate([c[1].values for c in chunk]))
+        images = self.synthesize(latents)
+        if self.stopped.is_set():
+            raise Cancelled("the edit's consumer has gone")
+        return scorer.submit(contextvars.copy_context().run, self._score, images)
+
+    def _score(self, images: np.ndarray) -> tuple[np.ndarray, Scores]:
+        if self.stopped.is_set():
+            raise Cancelled("the edit's consumer has gone")
+        return images, (self.world.score(images, self.heads) if self.heads else {})
+
+    def _chunks(self, path: Iterable[tuple[Latents, dict[str, float]]]) -> Iterator[list[tuple[int, Latents, dict[str, float]]]]:
+        chunk: list[tuple[int, Latents, dict[str, float]]] = []
+        rows = 0
+        for index, (latents, metrics) in enumerate(path):
+            chunk.append((index, latents, metrics))
+            rows += len(latents)
+            if index == 0 or rows + len(latents) > self.chunk_rows:  # the first frame alone; then whole frames
+                yield chunk
+                chunk, rows = [], 0
+        if chunk:
+            yield chunk
+
+    def frames(self, path: Iterable[tuple[Latents, dict[str, float]]], length: int) -> Iterator[Frame]:
+        generator_thread = ThreadPoolExecutor(1, thread_name_prefix="edit-synthesize")
+        scorer_thread = ThreadPoolExecutor(1, thread_name_prefix="edit-score")
+        chunks = self._chunks(path)
+        in_flight: deque[tuple[list[tuple[int, Latents, dict[str, float]]], Future]] = deque()
+
+        def launch() -> None:
+            chunk = next(chunks, None)  # the path's own work (latents, metrics) runs here, in order
+            if chunk is not None:
+                # Each task runs in a copy of the caller's context (its trace span, for the downstream calls).
+                in_flight.append((chunk, generator_thread.submit(contextvars.copy_context().run, self._render, chunk,
+                                                                 scorer_thread)))
+
+        try:
+            launch()
+            first = True
+            while in_flight:
+                chunk, synthesized = in_flight.popleft()
+                images, scores = synthesized.result().result()
+                # Two chunks in flight: one at the generator, one at the scorer. The first frame's
+                # chunk runs alone, so nothing competes with it for the first frame's latency.
+                launch()
+                if first or len(in_flight) < 2:
+                    launch()
+                first = False
+                start = 0
+                for index, latents, metrics in chunk:
+                    stop = start + len(latents)
+                    yield Frame(index, latents, images[start:stop] if self.images else None,
+                                _split_scores(scores, start, stop), metrics, COMPLETED if index == length - 1 else "")
+                    start = stop
+        finally:
+            # The consumer has gone (or an error): nothing new starts; queued chunks are dropped.
+            self.stopped.set()
+            generator_thread.shutdown(wait=False, cancel_futures=True)
+            scorer_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def check_frames(num_frames: int, limits: EditorConfig, default: int = 8) -> int:

@@ -49,7 +49,6 @@ from latentedit.errors import FailedPrecondition, InvalidArgument
 from latentedit.latents import Latents
 from latentedit.limits import LIMITS, check_range
 from latentedit.methods.base import (
-    COMPLETED,
     Editable,
     Frame,
     FrameRequest,
@@ -62,7 +61,7 @@ from latentedit.methods.base import (
     check_finite,
     check_frames,
     job_basics,
-    render,
+    path_frames,
 )
 from latentedit.models.generator import INPUT_LAYER
 from latentedit.repository import Entry, ModelRepository
@@ -603,24 +602,29 @@ class DPLaSE(Method):
         strides = np.linspace(options.start_stride, options.end_stride, options.num_frames)
         flat = start.flat()
         start_density = self._log_density(artifact, flat)
-        start_features = None
+        synthesize: Callable[[Latents], np.ndarray] | None = None
         if options.subspace_refinement:
+            assert artifact.masks is not None
+            mask = artifact.masks[options.direction_index]
             start_features = world.features(generator, start, [artifact.layer])[artifact.layer]
-        for index, stride in enumerate(strides):
-            latents = start.replace(walk(artifact, flat, options.direction_index, stride, options.density_preserving))
-            metrics = {"stride": float(stride)}
-            if start_density is not None:
-                metrics["log_density_change"] = float(np.mean(self._log_density(artifact, latents.flat()) - start_density))
-            if start_features is None:
-                images, scores = render(world, generator, latents, frames)
-            else:
-                assert artifact.masks is not None
+
+            def refined(latents: Latents) -> np.ndarray:
+                # Eq. 15 on any whole number of frames: the start's features repeated once per frame.
                 walked = world.features(generator, latents, [artifact.layer])[artifact.layer]
-                mixed = mix_features(start_features, walked, artifact.masks[options.direction_index])
-                images = world.synthesize_from(generator, artifact.layer, mixed)
-                scores = world.score(images, list(frames.heads)) if frames.heads else {}
-            yield Frame(index, latents, images if frames.images else None, scores, metrics,
-                        COMPLETED if index == options.num_frames - 1 else "")
+                starts = np.tile(start_features, (len(latents) // len(start), *([1] * (start_features.ndim - 1))))
+                return world.synthesize_from(generator, artifact.layer, mix_features(starts, walked, mask))
+
+            synthesize = refined
+
+        def path() -> Iterator[tuple[Latents, dict[str, float]]]:
+            for stride in strides:
+                latents = start.replace(walk(artifact, flat, options.direction_index, stride, options.density_preserving))
+                metrics = {"stride": float(stride)}
+                if start_density is not None:
+                    metrics["log_density_change"] = float(np.mean(self._log_density(artifact, latents.flat()) - start_density))
+                yield latents, metrics
+
+        return path_frames(world, generator, path(), frames, options.num_frames, synthesize)
 
     @staticmethod
     def _log_density(artifact: DirectionArtifact, flat: np.ndarray) -> np.ndarray | None:
