@@ -102,16 +102,29 @@ class StagedGenerator(nn.Module):
         """Latents of any of the generator's spaces -> images in [-1, 1] (differentiable)."""
         return self(self.latents_to_input(x, space))
 
-    def sample(self, space: LatentSpaceSpec, count: int, seed: int) -> np.ndarray:
-        """Seeded latents of `space`: prior draws, mapped when the space has no known prior."""
-        if space.prior == "normal":
+    def truncate(self, latents: torch.Tensor, space: str, psi: float, cutoff: int | None = None) -> torch.Tensor:
+        """StyleGAN truncation towards the mean of W (override where the model tracks it)."""
+        raise InvalidArgument(f"{self.spec.architecture} generators do not support truncation (no mapping network "
+                              "and no w_avg); leave truncation_psi at 0 or 1")
+
+    def sample(self, space: LatentSpaceSpec, count: int, seed: int, truncation_psi: float = 1.0,
+               truncation_cutoff: int | None = None) -> np.ndarray:
+        """Seeded latents of `space`: prior draws, mapped when the space has no known prior;
+        truncated towards w_avg when `truncation_psi` != 1 (W and W+ only)."""
+        truncated = truncation_psi != 1.0
+        if space.prior == "normal" and not truncated:
             return sample_latents(space, count, seed)
+        if truncated:
+            self.truncate(torch.zeros(0, *space.shape), space.space, truncation_psi, truncation_cutoff)  # checks
         prior = next((s for s in self.spec.latent_spaces if s.prior == "normal"), None)
         if prior is None:
             raise InvalidArgument(f"{self.spec.architecture} has no space with a known prior to sample from")
         with torch.no_grad():
             z = torch.from_numpy(sample_latents(prior, count, seed))
-            return self.map_latents(z, space.space).numpy().astype(np.float32)
+            mapped = self.map_latents(z, space.space)
+            if truncated:
+                mapped = self.truncate(mapped, space.space, truncation_psi, truncation_cutoff)
+            return mapped.numpy().astype(np.float32)
 
 
 def sample_latents(space: LatentSpaceSpec, count: int, seed: int) -> np.ndarray:

@@ -10,11 +10,14 @@ from latentedit.models.dcgan import load_dcgan
 from latentedit.models.generator import StagedGenerator
 from latentedit.models.mapped import ARCHITECTURE as MAPPED_DCGAN
 from latentedit.models.mapped import load_mapped_dcgan
+from latentedit.models.stylegan2 import ARCHITECTURE as STYLEGAN2
+from latentedit.models.stylegan2 import load_stylegan2
 from latentedit.repository import Entry
 
 GENERATOR_LOADERS: dict[str, Callable[[Path, dict, str], StagedGenerator]] = {
     "dcgan": load_dcgan,
     MAPPED_DCGAN: load_mapped_dcgan,
+    STYLEGAN2: load_stylegan2,
 }
 
 
