@@ -120,6 +120,28 @@ def test_identity_distance_is_small_for_small_edits_and_large_for_other_faces(st
     assert (distance(small) < distance(large)).all(), (distance(small), distance(large))
 
 
+def test_identity_head_is_dlibs_descriptor(stub, installed_repo, face_latents_and_images):
+    """The served (torch, batched) identity head gives dlib's own descriptors for the landmarks it uses."""
+    import dlib
+
+    from latentedit.scoring.base import FACE_BOX, FACE_SIZE, Batch
+
+    images = face_latents_and_images[1][:16]
+    results = score(stub, images, ["identity", "keypoints68"])
+    served = results["identity"][0]["embedding"]
+    points = results["keypoints68"][0]["points"] * FACE_SIZE / images.shape[1]
+    recognizer = dlib.face_recognition_model_v1(str(installed_repo.resolve("dlib-face-descriptor").file("weights")))
+    rect = dlib.rectangle(*FACE_BOX)
+    reference = np.array([
+        np.array(recognizer.compute_face_descriptor(
+            np.ascontiguousarray(face), dlib.full_object_detection(rect, [dlib.point(int(round(x)), int(round(y))) for x, y in p])))
+        for face, p in zip(Batch(images).resized(FACE_SIZE), points)
+    ])
+    cosine = (served * reference).sum(1) / np.linalg.norm(served, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() > 0.999, cosine
+    assert np.linalg.norm(served - reference, axis=1).max() < 0.02
+
+
 def test_smiling_captions_are_closer_to_a_smiling_face(stub, face_latents_and_images):
     _, images, _ = face_latents_and_images
     results = score(stub, images, ["caption", "expression"])
