@@ -68,9 +68,12 @@ def _blur_kernel() -> torch.Tensor:
     return k / k.sum()
 
 
-def upfirdn(x: torch.Tensor, kernel: torch.Tensor, up: int, pad0: int, pad1: int, gain: float) -> torch.Tensor:
-    """Upsample by zero insertion, pad, and filter each channel with the (symmetric) FIR kernel."""
-    n, c, h, w = x.shape
+def upfirdn(x: torch.Tensor, kernel: torch.Tensor, channels: int, up: int, pad0: int, pad1: int,
+            gain: float) -> torch.Tensor:
+    """Upsample by zero insertion, pad, and filter each of `channels` with the (symmetric) FIR
+    kernel (the channel count is passed, not read from x, so the ONNX graph has a static kernel)."""
+    n, _, h, w = x.shape
+    c = channels
     if up > 1:
         x = x.reshape(n, c, h, 1, w, 1)
         x = F.pad(x, (0, up - 1, 0, 0, 0, up - 1))
@@ -146,7 +149,7 @@ class ModulatedConv(nn.Module):
         x = x * styles[:, :, None, None]
         if self.up:
             x = F.conv_transpose2d(x, weight.transpose(0, 1), stride=2)
-            x = upfirdn(x, self.kernel, 1, 1, 1, gain=4.0)
+            x = upfirdn(x, self.kernel, self.weight.shape[0], 1, 1, 1, gain=4.0)
         else:
             x = F.conv2d(x, weight, padding=self.padding)
         if self.demodulate:
@@ -170,7 +173,7 @@ class SynthesisBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, w_dim: int, resolution: int, img_channels: int) -> None:
         super().__init__()
-        self.resolution = resolution
+        self.resolution, self.img_channels = resolution, img_channels
         self.first = resolution == 4
         if self.first:
             self.const = nn.Parameter(torch.randn(out_ch, 4, 4))
@@ -193,7 +196,7 @@ class SynthesisBlock(nn.Module):
         x = self.conv0(x, ws[:, 0])
         x = self.conv1(x, ws[:, 1])
         y = self.torgb(x, ws[:, 2])
-        return x, y + upfirdn(img, self.kernel, 2, 2, 1, gain=4.0)
+        return x, y + upfirdn(img, self.kernel, self.img_channels, 2, 2, 1, gain=4.0)
 
 
 def _packed_channels(rows: int, w_dim: int, res: int) -> int:
@@ -414,3 +417,26 @@ def check_state(model: StyleGAN2Generator, state: dict[str, torch.Tensor]) -> No
 def weights(model: StyleGAN2Generator) -> dict[str, torch.Tensor]:
     """The tensors to store (stages alias the blocks, so only mapping.* and blocks.*)."""
     return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def install_stylegan2(repo, name: str, model: StyleGAN2Generator, provenance: dict[str, str]):
+    """Write `model` as a new version of generator `name` (weights.safetensors + manifest)."""
+    from safetensors.torch import save_file
+
+    def populate(folder: Path) -> None:
+        save_file(weights(model), str(folder / "weights.safetensors"))
+
+    return repo.write(name, {"kind": "generator", "architecture": ARCHITECTURE, "config": model.config(),
+                             "files": {"weights": "weights.safetensors"}, "provenance": dict(provenance)}, populate)
+
+
+def random_stylegan2(seed: int = 0, **config: Any) -> StyleGAN2Generator:
+    """A randomly initialised model (non-zero noise strengths, w_avg estimated): for tests."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = StyleGAN2Generator(**config)
+    with torch.no_grad():
+        for layer in model.noise_layers():
+            layer.noise_strength.fill_(0.2)
+    model.estimate_w_avg(1024, seed)
+    return model.eval()
