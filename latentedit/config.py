@@ -92,6 +92,17 @@ class EditorConfig:
 
 
 @dataclass
+class WebConfig:
+    """The browser editor's gateway (web_svc): HTTP(S) + server-sent events in front of the services."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    max_body_bytes: int = 16 * 1024 * 1024  # one JSON request (an uploaded image, a GIF's frames)
+    max_streams: int = 32  # edit, inversion and job streams open at once; more answer 503
+    stream_timeout_s: float = 600.0  # deadline of one relayed stream (Edit, Invert, WatchJob)
+
+
+@dataclass
 class SecurityConfig:
     """TLS and bearer tokens (README "Operations"); checked by `latentedit.rpc.security.resolve`.
 
@@ -128,6 +139,7 @@ class Config:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     editor: EditorConfig = field(default_factory=EditorConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     # Where services reach each other, e.g. {"generator": "generator:50051"} in Kubernetes;
@@ -152,7 +164,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     config = Config()
     unknown = set(raw) - {"repository", "services", "generator", "scorer", "trainer", "editor", "addresses", "security",
-                          "observability"}
+                          "observability", "web"}
     if unknown:
         raise ValueError(f"config: unknown section(s) {sorted(unknown)}")
     if "repository" in raw:
@@ -165,6 +177,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     config.scorer = _merge(config.scorer, raw.get("scorer") or {}, "config.scorer")
     config.trainer = _merge(config.trainer, raw.get("trainer") or {}, "config.trainer")
     config.editor = _merge(config.editor, raw.get("editor") or {}, "config.editor")
+    config.web = _merge(config.web, raw.get("web") or {}, "config.web")
     config.security = _merge(config.security, raw.get("security") or {}, "config.security")
     config.observability = _merge(config.observability, raw.get("observability") or {}, "config.observability")
     for name, address in (raw.get("addresses") or {}).items():

