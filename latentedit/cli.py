@@ -6,17 +6,102 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from latentedit.config import SERVICE_NAMES, load_config
 from latentedit.errors import LatentEditError
+from latentedit.limits import LIMITS
+
+
+class UsageError(Exception):
+    """A command line argparse refuses: one line, exit code 1 like every other error."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see: {self.prog} --help)")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *, above: bool = False,
+            zero: str = "") -> Callable[[str], float]:
+    """An argparse type: `kind` (int or float), finite, >= low (> low with `above`), <= high;
+    0 also allowed when `zero` says what it means (e.g. "the service's default")."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if zero and value == 0:
+            return value
+        too_low = low is not None and (value <= low if above else value < low)
+        if too_low or (high is not None and value > high):
+            if high is None:
+                bounds = f"{'above' if above else 'at least'} {low:g}"
+            elif low is None:
+                bounds = f"at most {high:g}"
+            else:
+                bounds = f"in ({low:g}, {high:g}]" if above else f"in {low:g}..{high:g}"
+            raise argparse.ArgumentTypeError(f"{value:g} must be {bounds}" + (f" (or 0: {zero})" if zero else ""))
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT = _number(int, 1)  # how many of something: at least one
+SEED = _number(int, 0, 2**63 - 1)
+SECONDS = _number(float, 0, above=True)
 
 
 def _config(args: argparse.Namespace):
     return load_config(args.config)
+
+
+def _start_hint(args: argparse.Namespace, name: str = "", targeted: bool = False) -> str:
+    """How to start service `name` (every service when empty), in the command's own words."""
+    if targeted:
+        return "is --target right, and is the service running there?"
+    le = f"latentedit --config {args.config}" if args.config else "latentedit"
+    every = f"{le} serve, then {le} wait"
+    return f"start it: {le} serve {name} (or all four: {every})" if name else f"start the services: {every}"
+
+
+def _service(args: argparse.Namespace, name: str, address: str = "") -> grpc.Channel:
+    """A channel to service `name` (at `address`, else --target, else the config's) once it is
+    SERVING. Nothing listening there fails within seconds, naming the address and how to start
+    it; a service still starting (models loading) is waited for up to --wait seconds, saying so."""
+    from latentedit.rpc.client import await_serving
+
+    targeted = not address and bool(getattr(args, "target", ""))
+    address = address or getattr(args, "target", "") or _config(args).address(name)
+    channel = _connect(args, address)
+    await_serving(channel, address, f"the {name} service", timeout_s=getattr(args, "wait", 180.0),
+                  hint=_start_hint(args, name, targeted), on_wait=lambda line: print(line, file=sys.stderr, flush=True))
+    return channel
+
+
+def _add_service_args(parser: argparse.ArgumentParser, name: str, wait_s: float = 180.0) -> None:
+    parser.add_argument("--target", default="", help=f"{name} address (default: from the config)")
+    parser.add_argument("--wait", type=SECONDS, default=wait_s,
+                        help=f"seconds to wait while the {name} is starting up (not SERVING yet); "
+                             "nothing listening at the address fails at once")
+
+
+def _add_job_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments every training job takes (the trainer's address among them)."""
+    parser.add_argument("--name", default="", help="artifact name (default: derived)")
+    parser.add_argument("--model", default="", help="generator name (default: the trainer's default)")
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--key", default="", help="idempotency key: retrying with it returns the same job")
+    _add_service_args(parser, "trainer")
 
 
 def _connect(args: argparse.Namespace, address: str):
@@ -110,8 +195,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from latentedit import wire
 
-    if args.count < 1:
-        raise SystemExit("error: --count must be at least 1")
     if args.in_process:
         from latentedit.repository import ModelRepository
         from latentedit.world import LocalWorld
@@ -122,12 +205,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         images = world.synthesize(generator, world.sample(generator, args.count, args.seed))
         where = "in-process (torch)"
     else:
-        from latentedit.rpc.client import GeneratorClient, wait_serving
+        from latentedit.rpc.client import GeneratorClient
 
         address = args.target or _config(args).address("generator")
-        channel = _connect(args, address)
-        wait_serving(channel, timeout_s=args.wait, what=f"generator at {address}")
-        client = GeneratorClient(channel, args.model)
+        client = GeneratorClient(_service(args, "generator"), args.model)
         latents = client.sample(args.count, args.seed)
         images = client.synthesize(latents)
         where = f"generator service at {address}"
@@ -224,19 +305,39 @@ def cmd_train_generic(args: argparse.Namespace) -> int:
     _params(args.param, spec)
     spec.generator.CopyFrom(types_pb2.ModelRef(name=args.model))
     spec.options.seed, spec.options.artifact_name = args.seed, args.name
-    stub = _trainer(args)
-    job = stub.StartJob(request, timeout=120)
-    return _watch(stub, job, f"training {args.kind} {args.name or '(auto name)'}")
+    return _run_job(args, request, f"training {args.kind} {args.name or '(auto name)'}")
+
+
+def _run_job(args: argparse.Namespace, request, what: str) -> int:
+    """Start a job on the trainer and follow it to the end."""
+    from latentedit.api.v1 import trainer_pb2_grpc
+
+    stub = trainer_pb2_grpc.TrainerServiceStub(_service(args, "trainer"))
+    return _watch(stub, stub.StartJob(request, timeout=120), what)
 
 
 def _watch(stub, job, what: str) -> int:
+    """Follow a job: a progress line (bar, phase, what the job says, elapsed, the trainer's ETA),
+    redrawn in place on a terminal; elsewhere (a log) one line per phase and every 10%."""
     from latentedit.api.v1 import trainer_pb2
 
-    print(f"job {job.id}: {what}")
+    print(f"job {job.id}: {what}", flush=True)
+    tty = sys.stdout.isatty()
+    started, phase, shown, drawn = time.monotonic(), None, -1.0, False
     for event in stub.WatchJob(trainer_pb2.WatchJobRequest(id=job.id)):
         job = event.job
-        print("\r" + _progress_line(job), end="", flush=True)
-    print()
+        line = progress_line(job, event.message, time.monotonic() - started)
+        if tty:
+            if job.phase != phase and drawn:
+                print(flush=True)  # keep the finished phase's last line
+            print("\r" + line + "\033[K", end="", flush=True)
+            drawn = True
+        elif job.phase != phase or job.progress - shown >= 0.1 or job.state != trainer_pb2.JOB_STATE_RUNNING:
+            print(line, flush=True)
+            shown = job.progress
+        phase = job.phase
+    if tty and drawn:
+        print()
     if job.state != trainer_pb2.JOB_STATE_SUCCEEDED:
         print(f"error: job {job.id} {trainer_pb2.JobState.Name(job.state)}: {job.error}", file=sys.stderr)
         return 1
@@ -245,16 +346,6 @@ def _watch(stub, job, what: str) -> int:
     print(f"{trainer_pb2.ArtifactKind.Name(job.artifact.kind).removeprefix('ARTIFACT_KIND_').lower()} "
           f"{job.artifact.ref.name} v{job.artifact.ref.version} written")
     return 0
-
-
-def _trainer(args):
-    from latentedit.api.v1 import trainer_pb2_grpc
-    from latentedit.rpc.client import wait_serving
-
-    address = args.target or _config(args).address("trainer")
-    channel = _connect(args, address)
-    wait_serving(channel, timeout_s=args.wait, what=f"trainer at {address}")
-    return trainer_pb2_grpc.TrainerServiceStub(channel)
 
 
 def cmd_train_mapping(args: argparse.Namespace) -> int:
@@ -267,25 +358,69 @@ def cmd_train_mapping(args: argparse.Namespace) -> int:
         attributes=[_attribute_ref(a) for a in args.attribute], keypoints_head=args.keypoints_head,
         num_pairs=args.pairs, depth=args.depth, hidden_dim=args.hidden,
         options=trainer_pb2.TrainingOptions(seed=args.seed, steps=args.steps, artifact_name=args.name))
-    stub = _trainer(args)
-    job = stub.StartJob(trainer_pb2.StartJobRequest(idempotency_key=args.key, mapping=spec), timeout=120)
-    return _watch(stub, job, f"training SGF mapping {args.name or '(auto name)'} on {args.condition}")
+    print(mapping_estimate_line(args.condition, args.pairs, args.steps, args.hidden, args.depth), flush=True)
+    return _run_job(args, trainer_pb2.StartJobRequest(idempotency_key=args.key, mapping=spec),
+                    f"training SGF mapping {args.name or '(auto name)'} on {args.condition}")
 
 
-def _progress_line(job) -> str:
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def progress_line(job, message: str = "", elapsed_s: float = 0.0) -> str:
+    """[#####.....]  42.0% running: building (z, c) pairs, 840/2000 pairs; 1m05s elapsed, ETA ~1m30s"""
     from latentedit.api.v1 import trainer_pb2
 
     width = 30
     filled = int(job.progress * width)
-    eta = f", ~{job.eta_seconds:.0f} s left" if job.eta_seconds > 0 else ""
     state = trainer_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
-    return f"[{'#' * filled}{'.' * (width - filled)}] {job.progress * 100:5.1f}% {state}: {job.phase}{eta}"
+    said = f", {message}" if message and message != job.phase else ""
+    loss = f", loss {job.metrics['train_loss']:.3g}" if "train_loss" in job.metrics else ""
+    eta = f", ETA ~{_duration(job.eta_seconds)}" if job.eta_seconds > 0 and job.state == trainer_pb2.JOB_STATE_RUNNING else ""
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {job.progress * 100:5.1f}% {state}: {job.phase}{said}{loss}; "
+            f"{_duration(elapsed_s)} elapsed{eta}")
+
+
+# What a mapping job costs on 2 idle CPU cores (this project's reference machine), for the
+# estimate `train mapping` prints before it starts. Per (z, c) pair: generate + score the heads the
+# condition needs (MTCNN for keypoints is the slow one); per training step of F: Adam on a batch
+# of 128 through depth x hidden^2 weights, 0.35 s at 6 x 256 (issue 13: a default mapping took
+# 18 minutes here). Measured with tests/../bench-style runs of LocalWorld on this machine;
+# another machine (a GPU trainer) differs, and the progress line's ETA follows the real rate.
+PAIR_SECONDS = {"attributes": 0.006, "keypoints": 0.07, "caption": 0.02}
+STEP_SECONDS_AT_256x6 = 0.35
+
+
+def estimate_mapping_seconds(condition: str, pairs: int, steps: int, hidden: int, depth: int,
+                             batch: int = 128) -> tuple[float, float]:
+    """(seconds building pairs, seconds training F) of a mapping job; 0 arguments: the defaults."""
+    pairs, steps, hidden, depth = _mapping_settings(pairs, steps, hidden, depth)
+    per_step = STEP_SECONDS_AT_256x6 * (hidden * hidden * depth) / (256 * 256 * 6) * batch / 128
+    return pairs * PAIR_SECONDS[condition], steps * per_step
+
+
+def _mapping_settings(pairs: int, steps: int, hidden: int, depth: int) -> tuple[int, int, int, int]:
+    """The job's settings with 0 (unset) replaced by MappingSpec's defaults, as the trainer does."""
+    from latentedit.methods.sgf import MappingSpec
+
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(MappingSpec)}
+    return (pairs or defaults["num_pairs"], steps or defaults["steps"], hidden or defaults["hidden"],
+            depth or defaults["depth"])
+
+
+def mapping_estimate_line(condition: str, pairs: int, steps: int, hidden: int, depth: int) -> str:
+    pairs_s, steps_s = estimate_mapping_seconds(condition, pairs, steps, hidden, depth)
+    pairs, steps, hidden, depth = _mapping_settings(pairs, steps, hidden, depth)
+    return (f"expected time: ~{_duration(pairs_s + steps_s)} on 2 idle CPU cores ({pairs} pairs ~{_duration(pairs_s)}, "
+            f"{steps} steps of a {depth}x{hidden} F ~{_duration(steps_s)}); fewer --pairs / --steps or a smaller "
+            "--hidden train faster")
 
 
 def cmd_train_boundary(args: argparse.Namespace) -> int:
     from latentedit.api.v1 import trainer_pb2, types_pb2
 
-    stub = _trainer(args)
     spec = trainer_pb2.BoundaryJobSpec(
         generator=types_pb2.ModelRef(name=args.model),
         attribute=types_pb2.AttributeRef(head=args.head, output=args.output, label=args.label, index=args.index),
@@ -297,23 +432,18 @@ def cmd_train_boundary(args: argparse.Namespace) -> int:
         spec.quality_attribute.CopyFrom(types_pb2.AttributeRef(head="quality", output="face_probability"))
         spec.quality_min = args.quality_min
     request = trainer_pb2.StartJobRequest(idempotency_key=args.key, display_name=f"boundary {args.name}", boundary=spec)
-    job = stub.StartJob(request, timeout=120)
     label = f"{args.head}.{args.output}{'.' + args.label if args.label else ''}"
-    return _watch(stub, job, f"training boundary {args.name or '(auto name)'} on {label}")
+    return _run_job(args, request, f"training boundary {args.name or '(auto name)'} on {label}")
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from latentedit import wire
     from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, types_pb2
-    from latentedit.render import write_edit
-    from latentedit.rpc.client import wait_serving
+    from latentedit.render import frame_lines, sample_lines, write_edit
+    from latentedit.rpc.client import NotListening
 
     config = _config(args)
-    address = args.target or config.address("editor")
-    channel = _connect(args, address)
-    wait_serving(channel, timeout_s=args.wait, what=f"editor at {address}")
+    # The request is built (and every argument checked) before any service is called.
     request = editor_pb2.EditRequest(
         generator=types_pb2.ModelRef(name=args.model),
         seed=editor_pb2.SeedStart(seed=args.seed, count=args.count),
@@ -326,45 +456,72 @@ def cmd_edit(args: argparse.Namespace) -> int:
         request.interfacegan.CopyFrom(editor_pb2.InterFaceGANEdit(
             boundary=args.boundary, condition_boundaries=args.condition, start_distance=args.start, end_distance=args.end))
     elif args.method == "sgf" and not args.param:
-        request.sgf.CopyFrom(_sgf_request(args, config))
+        request.sgf.CopyFrom(_sgf_request(args))
     else:
         # Any method: its EditRequest message filled from --param name=value.
         _params(args.param, getattr(request, args.method))
-    frames, labels = [], []
+    channel = _service(args, "editor")
+    if args.method == "sgf" and args.keypoints_from_seed is not None:
+        request.sgf.keypoints.points.CopyFrom(wire.to_tensor(_keypoints_of_seed(args, config)))
+    try:
+        labels, target = _score_context(args, config)
+    except NotListening as exc:  # the editor reaches its scorer; this machine need not
+        print(f"note: scores shown without class labels or caption cosine: {exc.message}", file=sys.stderr)
+        labels, target = {}, None
+    frames, tiles = [], []
     for frame in editor_pb2_grpc.EditorServiceStub(channel).Edit(request, timeout=600):
         images = wire.decode_images(frame.images)
-        scores = {f"{h.head}.{o.name}": wire.from_tensor(o.tensor, field=o.name) for h in frame.scores for o in h.outputs}
-        step = f"d={frame.metrics['distance']:+.1f}" if "distance" in frame.metrics else f"step {frame.index}"
-        lines = [[step] for _ in range(len(images))]
-        # Under each face: the distance and the first scalar output of each scored head.
-        for head in dict.fromkeys(k.split(".", 1)[0] for k in scores):
-            key = next((k for k in scores if k.startswith(head + ".") and scores[k].ndim == 1), None)
-            if key is None:
-                continue
-            for n in range(len(images)):
-                lines[n].append(f"{key.split('.', 1)[1]} {scores[key][n]:.1f}")
+        scores = wire.scores_from_proto(frame.scores)
+        common = frame_lines(frame.metrics) or [f"step {frame.index}"]
+        per_sample = [sample_lines(scores, n, labels, target) for n in range(len(images))]
         frames.append(images)
-        labels.append(lines)
-        shown = ", ".join(f"{k} {np.mean(v):.2f}" for k, v in scores.items() if v.ndim == 1)
-        where = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(frame.metrics.items()) if "/" not in k)
+        tiles.append([common + lines for lines in per_sample])
         stop = f"  [{editor_pb2.StopReason.Name(frame.stop_reason).removeprefix('STOP_REASON_').lower()}]" if frame.stop_reason else ""
-        print(f"frame {frame.index:3d}  {where}  mean {shown}{stop}", flush=True)
-    png, gif = write_edit(frames, labels, Path(args.out))
+        print(f"frame {frame.index:3d}  " + "  ".join(common) + stop, flush=True)
+        for n, lines in enumerate(per_sample):
+            if lines:
+                print(f"    #{n}  " + " | ".join(lines), flush=True)
+    if not frames:
+        raise SystemExit("error: the editor sent no frames")
+    png, gif = write_edit(frames, tiles, Path(args.out))
     print(f"wrote {png} and {gif}")
     return 0
 
 
+def _score_context(args: argparse.Namespace, config) -> tuple[dict[str, list[str]], Any]:
+    """What the score lines need from the scorer: the labels of vector outputs (expression
+    classes), and the embedding of the SGF caption target (each frame's caption is compared with it)."""
+    from latentedit.rpc.client import ScorerClient
+
+    if not args.score and not args.caption:
+        return {}, None
+    scorer = ScorerClient(_service(args, "scorer", config.address("scorer")))
+    labels = {f"{h.name}.{o.name}": list(o.labels) for h in scorer.list_heads() for o in h.outputs if o.labels}
+    target = scorer.embed_text([args.caption])[0] if args.method == "sgf" and args.caption else None
+    return labels, target
+
+
+def _keypoints_of_seed(args: argparse.Namespace, config):
+    """SGF keypoint target: those of another sample, measured through the generator and scorer."""
+    import numpy as np
+
+    from latentedit.rpc.client import GeneratorClient, ScorerClient
+
+    generator = GeneratorClient(_service(args, "generator", config.address("generator")), args.model)
+    images = generator.synthesize(generator.sample(1, args.keypoints_from_seed))
+    scorer = ScorerClient(_service(args, "scorer", config.address("scorer")))
+    return scorer.score(images, [args.keypoints_head])[args.keypoints_head]["points"][0].astype(np.float32)
+
+
 def cmd_eval_mds(args: argparse.Namespace) -> int:
-    from latentedit.evaluation import DEFAULT_ATTRIBUTES, plot_curves, run_mds
+    from latentedit.evaluation import DEFAULT_ATTRIBUTES, check_mds_settings, plot_curves, run_mds
     from latentedit.repository import ModelRepository
     from latentedit.world import LocalWorld
 
+    check_mds_settings(DEFAULT_ATTRIBUTES, args.attributes, args.train, args.samples, args.sgf_steps)  # before any model
     config = _config(args)
-    repo = ModelRepository(config.repository)
-    unknown = [t for t in args.attributes if t not in DEFAULT_ATTRIBUTES]
-    if unknown:
-        raise SystemExit(f"error: unknown attribute(s) {unknown}; known: {', '.join(DEFAULT_ATTRIBUTES)}")
-    world = LocalWorld(repo, config.generator.default_model)
+    print("loading the generator and scorer heads in this process ...", flush=True)
+    world = LocalWorld(ModelRepository(config.repository), config.generator.default_model)
     results, thresholds = run_mds(world, world.generator(args.model), DEFAULT_ATTRIBUTES, args.attributes, num_train=args.train,
                                   num_test=args.samples, sgf_steps=args.sgf_steps, log=lambda m: print(m, flush=True))
     out = Path(args.out)
@@ -412,11 +569,9 @@ def cmd_eval_dplase(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sgf_request(args: argparse.Namespace, config):
-    """SGF target from the command line: --target head.output=value, --keypoints-from-seed, or --caption."""
-    import numpy as np
-
-    from latentedit import wire
+def _sgf_request(args: argparse.Namespace):
+    """SGF target from the command line: --set head.output=value, --keypoints-from-seed (its points
+    are measured once the services are known to be up), or --caption."""
     from latentedit.api.v1 import editor_pb2
 
     if not args.mapping:
@@ -432,17 +587,11 @@ def _sgf_request(args: argparse.Namespace, config):
                 number = float(value)
             except ValueError:
                 raise SystemExit(f"error: --set {item!r} must look like pose.yaw=25") from None
+            if not math.isfinite(number):
+                raise SystemExit(f"error: --set {item!r}: the value must be a finite number")
             request.attributes.values.append(editor_pb2.AttributeValue(attribute=_attribute_ref(name), value=number))
     elif args.caption:
         request.caption.text = args.caption
-    else:
-        # Target keypoints: those of another sample, measured through the services.
-        from latentedit.rpc.client import GeneratorClient, ScorerClient
-
-        generator = GeneratorClient(_connect(args, config.address("generator")), args.model)
-        images = generator.synthesize(generator.sample(1, args.keypoints_from_seed))
-        points = ScorerClient(_connect(args, config.address("scorer"))).score(images, [args.keypoints_head])[args.keypoints_head]["points"][0]
-        request.keypoints.points.CopyFrom(wire.to_tensor(points.astype(np.float32)))
     return request
 
 
@@ -457,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The CLI shows the methods' own defaults; unset values travel as 0 and the service fills them in.
     ifg_defaults, sgf_defaults = InterFaceGANOptions(""), SGFOptions("", ())
     mapping_defaults = {f.name: f.default for f in dataclasses.fields(MappingSpec)}
-    parser = argparse.ArgumentParser(prog="latentedit", description="Latent-space image editing services.")
+    parser = _Parser(prog="latentedit", description="Latent-space image editing services.")
     parser.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--token", default=None, help="bearer token for the services (default: $LATENTEDIT_TOKEN)")
@@ -486,24 +635,23 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("directory", type=Path)
     make.add_argument("--host", action="append", help="a name or IP the server certificate covers (repeatable; default: "
                       "localhost, 127.0.0.1, ::1 and the four service names)")
-    make.add_argument("--days", type=int, default=365)
+    make.add_argument("--days", type=COUNT, default=365)
     make.set_defaults(func=cmd_certs_make)
 
     wait = sub.add_parser("wait", help="wait until services report SERVING")
     wait.add_argument("services", nargs="*")
-    wait.add_argument("--timeout", type=float, default=180)
+    wait.add_argument("--timeout", type=SECONDS, default=180, help="seconds to wait, listening or not")
     wait.set_defaults(func=cmd_wait)
 
     gen = sub.add_parser("generate", help="write a PNG grid of generated images")
     gen.add_argument("--out", default="out/faces.png")
-    gen.add_argument("--count", type=int, default=16)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--columns", type=int, default=0)
-    gen.add_argument("--scale", type=int, default=2, help="enlarge the grid this many times for viewing")
+    gen.add_argument("--count", type=_number(int, 1, LIMITS.custom_latents), default=16)
+    gen.add_argument("--seed", type=SEED, default=0)
+    gen.add_argument("--columns", type=_number(int, 0), default=0, help="faces per row (default: a square)")
+    gen.add_argument("--scale", type=_number(int, 1, 16), default=2, help="enlarge the grid this many times for viewing")
     gen.add_argument("--model", default="", help="generator name (default: the service's default)")
-    gen.add_argument("--target", default="", help="generator address (default: from the config)")
     gen.add_argument("--in-process", action="store_true", help="run the generator here instead of calling the service")
-    gen.add_argument("--wait", type=float, default=60, help="seconds to wait for the service to be SERVING")
+    _add_service_args(gen, "generator", wait_s=60)
     gen.set_defaults(func=cmd_generate)
     train = sub.add_parser("train", help="train artifacts through the trainer service")
     train_sub = train.add_subparsers(dest="train_command", required=True)
@@ -511,32 +659,29 @@ def build_parser() -> argparse.ArgumentParser:
     boundary.add_argument("--head", required=True, help="scorer head, e.g. pose")
     boundary.add_argument("--output", required=True, help="the head's output, e.g. yaw")
     boundary.add_argument("--label", default="", help="class label of a vector output, e.g. happy")
-    boundary.add_argument("--index", type=int, default=0, help="entry of a vector output without labels")
-    boundary.add_argument("--samples", type=int, default=2000)
-    boundary.add_argument("--keep", type=float, default=0.1, help="fraction kept at each end of the ranking")
-    boundary.add_argument("--quality-min", type=float, default=0.0, help="drop samples whose face probability is lower")
-    boundary.add_argument("--name", default="", help="artifact name (default: derived from model and attribute)")
-    boundary.add_argument("--model", default="")
-    boundary.add_argument("--seed", type=int, default=0)
-    boundary.add_argument("--key", default="", help="idempotency key: retrying with it returns the same job")
-    boundary.add_argument("--target", default="", help="trainer address (default: from the config)")
-    boundary.add_argument("--wait", type=float, default=180)
+    boundary.add_argument("--index", type=_number(int, 0), default=0, help="entry of a vector output without labels")
+    boundary.add_argument("--samples", type=_number(int, 2, LIMITS.job_samples), default=2000)
+    boundary.add_argument("--keep", type=_number(float, 0, 0.5, above=True), default=0.1,
+                          help="fraction kept at each end of the ranking")
+    boundary.add_argument("--quality-min", type=_number(float, 0, 1), default=0.0,
+                          help="drop samples whose face probability is lower")
+    _add_job_args(boundary)
     boundary.set_defaults(func=cmd_train_boundary)
 
     mapping = train_sub.add_parser("mapping", help="an SGF auxiliary mapping F(z, c)")
     mapping.add_argument("--condition", choices=["attributes", "keypoints", "caption"], required=True)
     mapping.add_argument("--attribute", action="append", default=[], help="head.output[.label] (repeatable), for attributes")
     mapping.add_argument("--keypoints-head", default="keypoints5")
-    mapping.add_argument("--pairs", type=int, default=0, help=f"(z, c) pairs (default {mapping_defaults['num_pairs']}; the paper: 200,000)")
-    mapping.add_argument("--depth", type=int, default=0, help=f"layers of F (default {mapping_defaults['depth']})")
-    mapping.add_argument("--hidden", type=int, default=0, help=f"width of F (default {mapping_defaults['hidden']})")
-    mapping.add_argument("--steps", type=int, default=0, help=f"training steps (default {mapping_defaults['steps']})")
-    mapping.add_argument("--name", default="")
-    mapping.add_argument("--model", default="")
-    mapping.add_argument("--seed", type=int, default=0)
-    mapping.add_argument("--key", default="")
-    mapping.add_argument("--target", default="", help="trainer address (default: from the config)")
-    mapping.add_argument("--wait", type=float, default=180)
+    default = "the default"
+    mapping.add_argument("--pairs", type=_number(int, 1, LIMITS.mapping_pairs, zero=default), default=0,
+                         help=f"(z, c) pairs (default {mapping_defaults['num_pairs']}; the paper: 200,000)")
+    mapping.add_argument("--depth", type=_number(int, 2, LIMITS.mapping_depth, zero=default), default=0,
+                         help=f"layers of F (default {mapping_defaults['depth']})")
+    mapping.add_argument("--hidden", type=_number(int, 8, LIMITS.mapping_width, zero=default), default=0,
+                         help=f"width of F (default {mapping_defaults['hidden']})")
+    mapping.add_argument("--steps", type=_number(int, 1, LIMITS.training_steps, zero=default), default=0,
+                         help=f"training steps (default {mapping_defaults['steps']})")
+    _add_job_args(mapping)
     mapping.set_defaults(func=cmd_train_mapping)
     specific = {"boundary", "mapping"}
     for kind in [k for m in METHODS.values() for k in m.jobs if k not in specific]:
@@ -546,12 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_params_epilog(spec_descriptor, ("generator", "generator.name", "generator.version",
                                                      "options.seed", "options.artifact_name")))
         generic.add_argument("--param", action="append", default=[], help="a field of the job spec, name=value (repeatable)")
-        generic.add_argument("--name", default="", help="artifact name (default: derived)")
-        generic.add_argument("--model", default="")
-        generic.add_argument("--seed", type=int, default=0)
-        generic.add_argument("--key", default="")
-        generic.add_argument("--target", default="", help="trainer address (default: from the config)")
-        generic.add_argument("--wait", type=float, default=180)
+        _add_job_args(generic)
         generic.set_defaults(func=cmd_train_generic, kind=kind)
 
     edit = sub.add_parser("edit", help="stream an edit and write a strip PNG and an animated GIF",
@@ -566,33 +706,37 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--mapping", default="", help="SGF mapping")
     edit.add_argument("--set", dest="target_value", action="append", default=[],
                       help="SGF attribute target head.output[.label]=value (repeatable), e.g. pose.yaw=25")
-    edit.add_argument("--keypoints-from-seed", type=int, default=None, help="SGF keypoint target: another sample's keypoints")
+    edit.add_argument("--keypoints-from-seed", type=SEED, default=None, help="SGF keypoint target: another sample's keypoints")
     edit.add_argument("--keypoints-head", default="keypoints5")
     edit.add_argument("--caption", default="", help="SGF caption target")
-    edit.add_argument("--steps", type=int, default=0, help=f"SGF step limit (default {sgf_defaults.max_steps})")
-    edit.add_argument("--step-size", type=float, default=0.0, help=f"SGF step size (default {sgf_defaults.step_size})")
-    edit.add_argument("--tolerance", type=float, default=0.0,
+    edit.add_argument("--steps", type=_number(int, 1, LIMITS.training_steps, zero=default), default=0,
+                      help=f"SGF step limit (default {sgf_defaults.max_steps})")
+    edit.add_argument("--step-size", type=_number(float, 0, above=True, zero=default), default=0.0,
+                      help=f"SGF step size (default {sgf_defaults.step_size})")
+    edit.add_argument("--tolerance", type=_number(float, 0, above=True, zero=default), default=0.0,
                       help=f"SGF stop distance, in standardised condition units (default {sgf_defaults.tolerance})")
     edit.add_argument("--condition", action="append", default=[], help="boundary to hold fixed (repeatable)")
-    edit.add_argument("--start", type=float, default=ifg_defaults.start_distance)
-    edit.add_argument("--end", type=float, default=ifg_defaults.end_distance)
-    edit.add_argument("--frames", type=int, default=ifg_defaults.num_frames)
-    edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--count", type=int, default=4, help="how many samples to edit")
+    distance = _number(float, -LIMITS.edit_distance, LIMITS.edit_distance)
+    edit.add_argument("--start", type=distance, default=ifg_defaults.start_distance)
+    edit.add_argument("--end", type=distance, default=ifg_defaults.end_distance)
+    edit.add_argument("--frames", type=COUNT, default=ifg_defaults.num_frames)
+    edit.add_argument("--seed", type=SEED, default=0)
+    edit.add_argument("--count", type=COUNT, default=4, help="how many samples to edit")
     edit.add_argument("--score", action="append", default=[], help="scorer head to score every frame with (repeatable)")
     edit.add_argument("--model", default="")
     edit.add_argument("--out", default="out/edit", help="path without suffix: writes .png and .gif")
-    edit.add_argument("--target", default="", help="editor address (default: from the config)")
-    edit.add_argument("--wait", type=float, default=180)
+    _add_service_args(edit, "editor")
     edit.set_defaults(func=cmd_edit)
     sub.add_parser("methods", help="list the edit methods and the jobs that train them").set_defaults(func=cmd_methods)
     evaluate = sub.add_parser("eval", help="evaluate edit methods")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     mds = eval_sub.add_parser("mds", help="Manipulation Disentanglement Score of every method (SGF paper 4.4.1)")
     mds.add_argument("--attributes", nargs="+", default=["smile", "yaw", "mouth-open", "male"])
-    mds.add_argument("--samples", type=int, default=100, help="test samples per attribute")
-    mds.add_argument("--train", type=int, default=2000, help="samples for boundaries, PCA and F")
-    mds.add_argument("--sgf-steps", type=int, default=3000, help="training steps of SGF's F")
+    mds.add_argument("--samples", type=_number(int, 1, 100_000), default=100, help="test samples per attribute")
+    mds.add_argument("--train", type=_number(int, 100, LIMITS.mapping_pairs), default=2000,
+                     help="samples for boundaries, PCA and F")
+    mds.add_argument("--sgf-steps", type=_number(int, 1, LIMITS.training_steps), default=3000,
+                     help="training steps of SGF's F")
     mds.add_argument("--model", default="")
     mds.add_argument("--out", default="out/mds", help="path without suffix: writes .png (curves) and .md (table)")
     mds.set_defaults(func=cmd_eval_mds)
@@ -626,7 +770,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes: 0 done, 1 any error (bad arguments included: one line on stderr), 130 interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -637,7 +786,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        # UNAVAILABLE mid-command: the service (or one it calls) went away; say how to bring them up.
+        hint = f"; {_start_hint(args)}" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
+        print(f"error: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

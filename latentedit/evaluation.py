@@ -30,6 +30,7 @@ from latentedit.attributes import Attribute
 from latentedit.conditions import ConditionSpec
 from latentedit.errors import InvalidArgument
 from latentedit.latents import Latents
+from latentedit.limits import LIMITS
 from latentedit.methods import interfacegan as ifg
 from latentedit.methods.base import Frame, FrameRequest, JobBasics, QuietProgress
 from latentedit.methods.dplase import (
@@ -86,6 +87,20 @@ def attribute_matrix(scores, attributes: dict[str, Attribute]) -> np.ndarray:
     return np.stack([a.extract(scores) for a in attributes.values()], axis=1).astype(np.float32)
 
 
+def check_mds_settings(attributes: dict[str, Attribute], targets: list[str], num_train: int, num_test: int,
+                       sgf_steps: int) -> None:
+    """Every check `run_mds` needs, before any model is loaded (the CLI calls it first)."""
+    unknown = [t for t in targets if t not in attributes]
+    if unknown or not targets:
+        raise InvalidArgument(f"attributes: unknown or none {unknown}; known: {', '.join(attributes)}")
+    if not 100 <= num_train <= LIMITS.mapping_pairs:
+        raise InvalidArgument(f"train {num_train} must be in 100..{LIMITS.mapping_pairs} (boundaries, PCA and F fit on them)")
+    if not 1 <= num_test <= 100_000:
+        raise InvalidArgument(f"samples {num_test} must be in 1..100000 (test samples per attribute)")
+    if not 1 <= sgf_steps <= LIMITS.training_steps:
+        raise InvalidArgument(f"sgf_steps {sgf_steps} must be in 1..{LIMITS.training_steps}")
+
+
 def run_mds(
     world: LocalWorld,
     generator: GeneratorInfo,
@@ -98,11 +113,7 @@ def run_mds(
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> tuple[list[MDSResult], dict[str, float]]:
-    unknown = [t for t in targets if t not in attributes]
-    if unknown or not targets:
-        raise InvalidArgument(f"targets: unknown or none {unknown}; attributes: {', '.join(attributes)}")
-    if num_train < 100 or num_test < 1 or sgf_steps < 1:
-        raise InvalidArgument(f"num_train {num_train} must be >= 100, num_test {num_test} >= 1 and sgf_steps {sgf_steps} >= 1")
+    check_mds_settings(attributes, targets, num_train, num_test, sgf_steps)
     names = list(attributes)
     heads = tuple(sorted({a.head for a in attributes.values()}))
     frames = FrameRequest(heads, images=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -50,6 +50,60 @@ def wait_serving(channel: grpc.Channel, service: str = "", timeout_s: float = 12
             last = f"{exc.code().name}: {exc.details()}"
         time.sleep(0.2)
     raise Unavailable(f"{what} did not report SERVING within {timeout_s:.0f} s (last: {last})")
+
+
+class NotListening(Unavailable):
+    """Nothing answers at the address at all (refused, unresolvable, handshake failed): waiting will not help."""
+
+
+# A connection refused this long is "nothing listening", not "about to listen": it covers a
+# process that has just started and binds its port within a moment.
+UNREACHABLE_AFTER_S = 2.0
+
+
+def await_serving(channel: grpc.Channel, address: str, what: str, timeout_s: float = 120.0, *,
+                  unreachable_after_s: float = UNREACHABLE_AFTER_S, hint: str = "",
+                  on_wait: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    """For a person waiting at a command line: tell "nothing there" from "starting up" quickly.
+
+    Nothing answering health checks at `address` for `unreachable_after_s` raises NotListening
+    (its message names the address, gRPC's reason and `hint`, e.g. how to start the service).
+    A server that answers but is not SERVING yet (models loading) is waited for, up to
+    `timeout_s`; `on_wait` gets one line when the waiting starts and one every 10 s after.
+    Services calling each other keep `wait_serving`, which waits the whole time either way."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    start = clock()
+    answered, told, attempts = False, -1.0, 0
+    last = "no answer"
+    while True:
+        try:
+            status = stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            answered, last = True, health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # Refused, unresolvable, TLS refused, or no answer within 2 s (an unroutable
+                # address, or a server too busy to answer): not an answer either way.
+                last = exc.details() if code == grpc.StatusCode.UNAVAILABLE else "no answer within 2 s"
+            else:  # it answered, though not as hoped (e.g. UNIMPLEMENTED: not a gRPC health server); waiting won't help
+                raise NotListening(f"{what} at {address} answered the health check with {code.name}: {exc.details()}") from None
+        attempts += 1
+        elapsed = clock() - start
+        if not answered and elapsed >= unreachable_after_s and attempts >= 2:
+            refused = "refused" in last.lower()
+            headline = f"nothing is listening at {address} ({what})" if refused else f"cannot reach {what} at {address}"
+            raise NotListening(f"{headline}: {last}" + (f"; {hint}" if hint else ""))
+        if answered:
+            if elapsed >= timeout_s:
+                raise Unavailable(f"{what} at {address} answers but did not report SERVING within {timeout_s:.0f} s "
+                                  f"(last: {last})")
+            if on_wait is not None and (told < 0 or elapsed - told >= 10):
+                told = elapsed
+                on_wait(f"{what} at {address} is up but not SERVING yet ({last}: loading models?); "
+                        f"waited {elapsed:.0f} s of at most {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 def synthesize_request(
