@@ -9,12 +9,13 @@ from latentedit.methods.dplase import DPLaSE
 from latentedit.methods.ganspace import GANSpace
 from latentedit.methods.interfacegan import InterFaceGAN
 from latentedit.methods.sgf import SGF
+from latentedit.methods.wstar import WStar
 
-METHODS: dict[str, Method] = {m.name: m for m in (InterFaceGAN(), SGF(), GANSpace(), DPLaSE())}
+METHODS: dict[str, Method] = {m.name: m for m in (InterFaceGAN(), SGF(), GANSpace(), DPLaSE(), WStar())}
 
 # Methods whose slots exist in the API (messages, job specs) but whose modules are not built yet.
-PLANNED = {"wstar": "W* edits (RealNVP proxy space)"}
-PLANNED_JOBS = {"flow": "W* flow"}
+PLANNED: dict[str, str] = {}
+PLANNED_JOBS: dict[str, str] = {}
 
 
 def method(name: str | None) -> Method:

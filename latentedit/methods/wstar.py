@@ -299,17 +299,17 @@ def fit_flow(flow: RealNVP, classifiers: LinearClassifiers, x: torch.Tensor, lab
         proxy, _ = flow(x[rows])
         l_a = attribute_loss(proxy, classifiers, labels[rows])
         total = l_a
-        losses = {"loss_attributes": float(l_a)}
+        losses = {"loss_attributes": l_a.item()}
         if use_d:
             assert blocks is not None and targets is not None
             l_d = distance_loss(proxy.reshape(len(chosen), blocks.shape[1], -1), targets[chosen])
             total = total + options.distance_weight * l_d
-            losses["loss_distance"] = float(l_d)
+            losses["loss_distance"] = l_d.item()
         if identity is not None and options.identity_weight > 0:
             l_id = identity(flow, x[rows[: options.identity_batch]], rng)
             total = total + options.identity_weight * l_id
-            losses["loss_identity"] = float(l_id)
-        losses["loss"] = float(total)
+            losses["loss_identity"] = l_id.item()
+        losses["loss"] = total.item()
         if not math.isfinite(losses["loss"]):
             raise FailedPrecondition(f"the flow's loss became {losses['loss']} at step {step}; lower the learning rate")
         optimiser.zero_grad()
