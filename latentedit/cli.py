@@ -277,7 +277,7 @@ def _params(items: list[str], message) -> None:
         json_format.ParseDict(tree, message)
     except json_format.ParseError as exc:
         fields = ", ".join(f.name for f in message.DESCRIPTOR.fields)
-        raise SystemExit(f"error: --param: {exc}; fields of {message.DESCRIPTOR.name}: {fields}") from None
+        raise SystemExit(f"error: --param: {str(exc).splitlines()[0]}; fields of {message.DESCRIPTOR.name}: {fields}") from None
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -792,6 +792,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:  # a command's own one-line refusal: SystemExit("error: ...")
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -6,11 +6,15 @@ is what sentence-transformers computes for this model, without its extra depende
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 MAX_TOKENS = 256  # the model's training length (sentence_bert_config.json)
 
@@ -18,12 +22,18 @@ MAX_TOKENS = 256  # the model's training length (sentence_bert_config.json)
 class TextEmbedder:
     def __init__(self, folder: Path, max_tokens: int = MAX_TOKENS) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
         from latentedit.scoring.base import offline_hub
 
         offline_hub()
+        # transformers draws a tqdm bar ("Loading weights") on stderr, which breaks the services'
+        # JSON-lines logs: one log line with the time taken says the same.
+        transformers_logging.disable_progress_bar()
+        started = time.perf_counter()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+        log.info("text model loaded from %s in %.1f s", folder, time.perf_counter() - started)
         self.max_tokens = max_tokens
         self.dim = int(self.model.config.hidden_size)
         self._lock = threading.Lock()  # tokenizers are not safe to share across threads
