@@ -84,6 +84,13 @@ def test_edit_moves_the_attribute_and_maps_back_exactly(stubs, flow_job, suite_i
     monotone = ((yaw[1] > yaw[0]) & (yaw[2] > yaw[1])).mean()
     assert monotone >= 0.75, yaw
     assert frames[0].metrics["classifier_logit"] < frames[2].metrics["classifier_logit"]
+    # The proxy-space InterFaceGAN boundary is another direction there, and it edits yaw too.
+    svm = list(editor.Edit(_edit(editor, wire.latents_to_proto(start), proxy_boundary=True), timeout=300))
+    moved = wire.latents_from_proto(svm[2].latents, generator.spec).values
+    assert np.abs(moved - wire.latents_from_proto(frames[2].latents, generator.spec).values).max() > 1e-2
+    assert svm[2].metrics["proxy_distance"] == pytest.approx(4.0, rel=1e-4)
+    yaw = np.stack([wire.scores_from_proto(f.scores)["pose"]["yaw"] for f in svm])
+    assert (yaw[2] > yaw[0]).mean() >= 0.75, yaw
 
 
 def _expect(call, request, code, text):

@@ -477,7 +477,7 @@ class WStar(Method):
             raise InvalidArgument("attribute: name the attribute to edit (head, output and label or index)")
         check_items(len(message.condition_attributes), "condition_attributes", LIMITS.list_items, "list_items")
         rows = RowRange(message.rows.start, message.rows.end) if message.HasField("rows") else None
-        proxy_boundary = bool(getattr(message, "proxy_boundary", False))
+        proxy_boundary = bool(message.proxy_boundary)
         return WStarOptions(message.flow, message.attribute, tuple(message.condition_attributes), message.start_distance,
                             message.end_distance, check_frames(num_frames, limits), rows, proxy_boundary)
 

@@ -103,20 +103,22 @@ class InterFaceGANEdit(_message.Message):
     def __init__(self, boundary: _Optional[str] = ..., condition_boundaries: _Optional[_Iterable[str]] = ..., start_distance: _Optional[float] = ..., end_distance: _Optional[float] = ..., from_boundary: _Optional[bool] = ..., rows: _Optional[_Union[_types_pb2.RowRange, _Mapping]] = ...) -> None: ...
 
 class WStarEdit(_message.Message):
-    __slots__ = ("flow", "attribute", "condition_attributes", "start_distance", "end_distance", "rows")
+    __slots__ = ("flow", "attribute", "condition_attributes", "start_distance", "end_distance", "rows", "proxy_boundary")
     FLOW_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
     CONDITION_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     START_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     END_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    PROXY_BOUNDARY_FIELD_NUMBER: _ClassVar[int]
     flow: str
     attribute: _types_pb2.AttributeRef
     condition_attributes: _containers.RepeatedCompositeFieldContainer[_types_pb2.AttributeRef]
     start_distance: float
     end_distance: float
     rows: _types_pb2.RowRange
-    def __init__(self, flow: _Optional[str] = ..., attribute: _Optional[_Union[_types_pb2.AttributeRef, _Mapping]] = ..., condition_attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., start_distance: _Optional[float] = ..., end_distance: _Optional[float] = ..., rows: _Optional[_Union[_types_pb2.RowRange, _Mapping]] = ...) -> None: ...
+    proxy_boundary: bool
+    def __init__(self, flow: _Optional[str] = ..., attribute: _Optional[_Union[_types_pb2.AttributeRef, _Mapping]] = ..., condition_attributes: _Optional[_Iterable[_Union[_types_pb2.AttributeRef, _Mapping]]] = ..., start_distance: _Optional[float] = ..., end_distance: _Optional[float] = ..., rows: _Optional[_Union[_types_pb2.RowRange, _Mapping]] = ..., proxy_boundary: _Optional[bool] = ...) -> None: ...
 
 class DPLaSEEdit(_message.Message):
     __slots__ = ("directions", "direction_index", "start_stride", "end_stride", "density_preserving", "subspace_refinement", "rows")
