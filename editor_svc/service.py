@@ -7,8 +7,10 @@ each frame back as soon as the method yields it. No method math lives here.
 
 from __future__ import annotations
 
+import contextvars
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -54,6 +56,48 @@ def frame_to_proto(frame: Frame, encoding: int) -> editor_pb2.EditFrame:
     if frame.images is not None:
         message.images.CopyFrom(wire.encode_images(frame.images, encoding))
     return message
+
+
+def computed_ahead(frames: Iterator[Frame], poll_s: float = 0.1) -> Iterator[Frame]:
+    """The frames of `frames`, each next one computed in a worker thread while the caller handles
+    the one before (encodes and sends it): one frame ahead at most, so a caller that goes away
+    leaves at most one frame's work started. Errors reach the caller at the frame they stopped."""
+    taken = threading.Semaphore(1)  # frames the worker may compute before the caller takes the last one
+    ready: queue.Queue = queue.Queue()
+    stopped = threading.Event()
+
+    def work() -> None:
+        try:
+            while True:
+                while not taken.acquire(timeout=poll_s):
+                    if stopped.is_set():
+                        return
+                if stopped.is_set():
+                    return
+                frame = next(frames, None)
+                ready.put(("frame", frame) if frame is not None else ("end", None))
+                if frame is None:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            ready.put(("error", exc))
+        finally:
+            close = getattr(frames, "close", None)
+            if close is not None:
+                close()  # in this thread, which ran it: a method's finally blocks run here
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="edit-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "error":
+                raise value
+            if kind == "end":
+                return
+            taken.release()
+            yield value
+    finally:
+        stopped.set()
 
 
 class InversionStats:
@@ -127,7 +171,10 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
                               chunk_rows=self.config.chunk_rows)
         artifact = method.prepare(self.repo, generator, options)
         start = self._start(request, world, generator, artifact.space)
-        for frame in method.edit(world, generator, artifact, start, options, frames):
+        edit = method.edit(world, generator, artifact, start, options, frames)
+        if not getattr(edit, "renders_ahead", False):
+            edit = computed_ahead(edit)  # closed-loop methods: the next step runs while this frame is encoded and sent
+        for frame in edit:
             yield frame_to_proto(frame, request.image_encoding)
 
     def _start(self, request, world: World, generator: GeneratorInfo, space: str) -> Latents:

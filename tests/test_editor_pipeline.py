@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -248,3 +249,54 @@ def test_concurrent_edits_sharing_batches_get_their_own_frames(suite, batching_s
     # Scores of different seeds differ: a frame of another edit would have been noticed.
     yaw = [wire.scores_from_proto(results[i][0].scores)["pose"]["yaw"] for i in range(len(requests))]
     assert len({y.tobytes() for y in yaw}) == len(requests)
+
+
+# ---- closed-loop methods: the editor computes the next frame while it sends this one ---------------
+
+
+def test_closed_loop_frames_are_computed_one_ahead_in_order_and_stop_with_the_caller():
+    from editor_svc.service import computed_ahead
+
+    computed: list[int] = []
+    closed = threading.Event()
+    handed: list[int] = []
+
+    def steps(count, fail_at=None):
+        try:
+            for i in range(count):
+                if i == fail_at:
+                    raise ValueError(f"step {i} failed")
+                computed.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    assert list(computed_ahead(steps(6))) == list(range(6))
+    computed.clear()
+    closed.clear()
+    # An error reaches the caller after the frames before it, in order.
+    with pytest.raises(ValueError, match="step 3 failed"):
+        for frame in computed_ahead(steps(6, fail_at=3)):
+            handed.append(frame)
+    assert handed == [0, 1, 2]
+    # A caller that takes 3 frames and goes: at most one more was computed, and the method's
+    # generator is closed (its finally ran).
+    computed.clear()
+    closed.clear()
+    fourth = threading.Event()
+
+    def watched():
+        for i in steps(100):
+            if i == 3:
+                fourth.set()
+            yield i
+
+    frames = computed_ahead(watched())
+    taken = [next(frames) for _ in range(3)]
+    assert fourth.wait(WAIT_S), "the frame after the one being sent was not computed ahead"
+    # One ahead, not more: given time, the worker still stops at the fourth frame (a worker that
+    # ran further ahead would have computed the fifth by now).
+    time.sleep(0.5)
+    assert taken == [0, 1, 2] and len(computed) == 4, f"{len(computed)} frames computed for a caller that took 3"
+    frames.close()
+    assert closed.wait(WAIT_S), "the method's generator was not closed after the caller went"

@@ -13,7 +13,7 @@ import contextvars
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,13 +222,28 @@ def path_frames(world: World, generator: GeneratorInfo, path: Iterable[tuple[Lat
     generator, or a RemoteWorld whose caller has gone) stops the generator and scorer work within
     one chunk."""
     if frames.chunk_rows <= 0 or (not frames.heads and not frames.images):
-        yield from _sequential_frames(world, generator, path, frames, length, synthesize)
-        return
-    yield from _Pipeline(world, generator, frames, synthesize).frames(path, length)
+        return RenderedFrames(_sequential_frames(world, generator, path, frames, length, synthesize))
+    return RenderedFrames(_Pipeline(world, generator, frames, synthesize).frames(path, length))
+
+
+class RenderedFrames(Iterator[Frame]):
+    """`path_frames`' answer: it decides itself how far ahead it renders, so a caller that would
+    compute the next frame while handling this one (the editor, for closed-loop methods) need not."""
+
+    renders_ahead = True
+
+    def __init__(self, frames: Generator[Frame, None, None]) -> None:
+        self._frames = frames
+
+    def __next__(self) -> Frame:
+        return next(self._frames)
+
+    def close(self) -> None:
+        self._frames.close()
 
 
 def _sequential_frames(world: World, generator: GeneratorInfo, path: Iterable[tuple[Latents, dict[str, float]]],
-                       frames: FrameRequest, length: int, synthesize: Synthesize | None) -> Iterator[Frame]:
+                       frames: FrameRequest, length: int, synthesize: Synthesize | None) -> Generator[Frame, None, None]:
     for index, (latents, metrics) in enumerate(path):
         if synthesize is None:
             images, scores = render(world, generator, latents, frames)
@@ -284,7 +299,7 @@ class _Pipeline:
         if chunk:
             yield chunk
 
-    def frames(self, path: Iterable[tuple[Latents, dict[str, float]]], length: int) -> Iterator[Frame]:
+    def frames(self, path: Iterable[tuple[Latents, dict[str, float]]], length: int) -> Generator[Frame, None, None]:
         generator_thread = ThreadPoolExecutor(1, thread_name_prefix="edit-synthesize")
         scorer_thread = ThreadPoolExecutor(1, thread_name_prefix="edit-score")
         chunks = self._chunks(path)
