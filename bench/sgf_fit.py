@@ -159,13 +159,112 @@ def measure(model: nn.Module, z: torch.Tensor, c: torch.Tensor) -> tuple[float, 
     return error, error_shuffled, gain
 
 
+def trajectories(args: argparse.Namespace) -> None:
+    """Share of frames the quality head accepts along SGF trajectories vs InterFaceGAN's, binned by
+    the yaw change reached (equal target change), with the shipped default artifacts; and SGF
+    caption edits: accepted share and caption similarity reached. In-process (LocalWorld)."""
+    from latentedit.methods.base import FrameRequest
+    from latentedit.methods.interfacegan import InterFaceGAN, InterFaceGANOptions
+    from latentedit.methods.sgf import SGF, AttributeGoal, CaptionGoal, SGFOptions
+
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    repo = ModelRepository(str(ROOT / "model-repo"))
+    world = LocalWorld(repo)
+    generator = world.generator()
+    fresh = world.sample(generator, 64, 31337)
+    fresh_quality = world.score(world.synthesize(generator, fresh), ["quality"])["quality"]["face_probability"]
+    threshold = float(np.quantile(fresh_quality, 0.05))  # as the DP-LaSE table: ~95% of fresh faces pass
+    start = world.sample(generator, args.starts, 4040)
+    heads = ("pose", "quality")
+
+    def table(frames) -> tuple[np.ndarray, np.ndarray]:
+        """[frames, N] yaw change from the start and acceptance."""
+        yaw = np.stack([f.scores["pose"]["yaw"] for f in frames])
+        accepted = np.stack([f.scores["quality"]["face_probability"] >= threshold for f in frames])
+        return np.abs(yaw - yaw[0]), accepted
+
+    sgf = SGF()
+    options = SGFOptions(args.mapping, (AttributeGoal("pose", "yaw", "", 0, args.yaw),), max_steps=args.max_steps)
+    sgf_frames = list(sgf.edit(world, generator, sgf.prepare(repo, generator, options), start, options, FrameRequest(heads, False)))
+    sgf_change, sgf_accepted = table(sgf_frames)
+    final_yaw = sgf_frames[-1].scores["pose"]["yaw"]
+    ifg = InterFaceGAN()
+    changes, accepted = [], []
+    for end in (-args.ifg_distance, args.ifg_distance):
+        opts = InterFaceGANOptions(args.boundary, start_distance=0.0, end_distance=end, num_frames=args.ifg_frames)
+        frames = list(ifg.edit(world, generator, ifg.prepare(repo, generator, opts), start, opts, FrameRequest(heads, False)))
+        change, ok = table(frames)
+        changes.append(change)
+        accepted.append(ok)
+    ifg_change, ifg_accepted = np.concatenate(changes, axis=1), np.concatenate(accepted, axis=1)
+    bins = [0, 5, 10, 20, 40, 1e9]
+    rows = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        cells = []
+        for change, ok in ((sgf_change, sgf_accepted), (ifg_change, ifg_accepted)):
+            inside = (change >= lo) & (change < hi)
+            cells.append(f"{ok[inside].mean():.0%} ({int(inside.sum())})" if inside.any() else "-")
+        rows.append(f"| {lo:g}-{hi:g} deg | {cells[0]} | {cells[1]} |" if hi < 1e9 else f"| >= {lo:g} deg | {cells[0]} | {cells[1]} |")
+
+    caption_options = SGFOptions(args.caption_mapping, CaptionGoal(args.caption), max_steps=args.max_steps)
+    caption_start = world.sample(generator, args.caption_starts, 5050)
+    caption_frames = list(sgf.edit(world, generator, sgf.prepare(repo, generator, caption_options), caption_start, caption_options,
+                                   FrameRequest(("caption", "quality"), False)))
+    target = world.embed_text([args.caption])[0]
+    target = target / np.linalg.norm(target)
+
+    def cosine(frame) -> np.ndarray:
+        e = frame.scores["caption"]["embedding"]
+        return e @ target / np.linalg.norm(e, axis=1)
+
+    caption_ok = np.stack([f.scores["quality"]["face_probability"] >= threshold for f in caption_frames])
+    first, last = cosine(caption_frames[0]), cosine(caption_frames[-1])
+    lines = [
+        f"Starts: {args.starts} (seed 4040); quality threshold {threshold:.3f} = 5th percentile of 64 fresh faces' face_probability "
+        f"(seed 31337). SGF: mapping {args.mapping!r}, target pose.yaw = {args.yaw:g}, step size 0.2, m = 1, tolerance 0.1, "
+        f"max {args.max_steps} steps: {len(sgf_frames) - 1} steps, stop {sgf_frames[-1].stop or 'step limit'}, final |yaw - target| "
+        f"mean {np.abs(final_yaw - args.yaw).mean():.1f} deg (from {np.abs(sgf_frames[0].scores['pose']['yaw'] - args.yaw).mean():.1f}). "
+        f"InterFaceGAN: boundary {args.boundary!r}, distances 0 to +-{args.ifg_distance:g} in {args.ifg_frames} frames, both "
+        "directions from every start. Every (frame, sample) after the start counts once, binned by its |yaw change| from the start.",
+        "",
+        "| yaw change | SGF accepted (frames) | InterFaceGAN accepted (frames) |",
+        "|---|---|---|",
+        *rows,
+        "",
+        f"SGF caption edits: mapping {args.caption_mapping!r}, target {args.caption!r}, {args.caption_starts} starts (seed 5050), "
+        f"{len(caption_frames) - 1} steps: cosine to the target sentence {first.mean():.3f} -> {last.mean():.3f} "
+        f"(rose for {(last > first).mean():.0%} of samples); frames accepted by the quality head {caption_ok[1:].mean():.0%} "
+        f"(last frame {caption_ok[-1].mean():.0%}; starts {caption_ok[0].mean():.0%}).",
+        "",
+        f"CPU time: {time.perf_counter() - began:.0f} s ({args.threads} torch thread(s), shared 2-core machine).",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    record("SGF trajectory quality (issue 13)", "python bench/sgf_fit.py --trajectories " + " ".join(a for a in sys.argv[1:] if a != "--trajectories"), body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trajectories", action="store_true", help="quality-head acceptance along SGF vs InterFaceGAN edits")
+    parser.add_argument("--starts", type=int, default=16)
+    parser.add_argument("--caption-starts", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=15)
+    parser.add_argument("--yaw", type=float, default=20.0)
+    parser.add_argument("--mapping", default="default-sgf-attributes")
+    parser.add_argument("--caption-mapping", default="default-sgf-caption")
+    parser.add_argument("--caption", default="a smiling young woman")
+    parser.add_argument("--boundary", default="default-yaw")
+    parser.add_argument("--ifg-distance", type=float, default=4.0)
+    parser.add_argument("--ifg-frames", type=int, default=9)
     parser.add_argument("--pairs", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="", help="an .npz to read/write the pairs (saves re-scoring)")
     args = parser.parse_args()
+    if args.trajectories:
+        trajectories(args)
+        return
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
 

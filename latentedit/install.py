@@ -1,8 +1,9 @@
-"""Puts the embedded default models (see MODELS.md) into the model repository.
+"""Puts the embedded default models (see MODELS.md) into the model repository, and the shipped
+trained defaults (defaults/, made by scripts/train_defaults.py) next to the default generator.
 
 Idempotent: every entry records a fingerprint of its sources and manifest, and an entry
 whose newest version carries the same fingerprint is kept, so a second run only hashes the
-source files and reads a few manifests.
+source files and reads a few manifests. A changed shipped artifact becomes a new version.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from latentedit.repository import Entry, ModelRepository, file_sha256
 from latentedit.scoring.base import HEAD_KIND, MODEL_KIND, package_dir
 
 DEFAULT_GENERATOR = "dcgan-faces"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "defaults"
+# Written by repo.write for every version; not part of what a shipped artifact is.
+_PER_VERSION_KEYS = ("name", "version", "created_at", "sha256")
 Log = Callable[[str], None]
 
 
@@ -230,10 +234,39 @@ DEFAULT_HEADS: dict[str, dict[str, Any]] = {
 }
 
 
-def install_defaults(repo: ModelRepository, log: Log = print) -> list[Entry]:
+# ---- shipped trained artifacts ---------------------------------------------------------------
+
+
+def install_shipped(repo: ModelRepository, generator: Entry, log: Log = print, shipped_dir: Path = SHIPPED_DIR) -> list[Entry]:
+    """Install the newest version of every artifact in `shipped_dir` (a model repository) that was
+    trained for `generator`'s weights; each keeps its manifest, with provenance saying it shipped."""
+    if not shipped_dir.is_dir():
+        log(f"  no shipped trained defaults at {shipped_dir}; train them with scripts/train_defaults.py")
+        return []
+    weights = generator.manifest.get("sha256", {}).get("weights")
+    installed = []
+    for source in ModelRepository(shipped_dir).entries():
+        provenance = source.manifest.get("provenance", {})
+        trained_for = source.manifest.get("generator", {}).get("name")
+        if trained_for != generator.name or provenance.get("generator_weights_sha256") != weights:
+            log(f"  {source.name}: skipped (trained for {trained_for!r} with other weights than {generator.name} v{generator.version})")
+            continue
+        manifest = {k: v for k, v in source.manifest.items() if k not in _PER_VERSION_KEYS}
+        manifest["generator"] = {"name": generator.name, "version": generator.version}
+        manifest["provenance"] = {**provenance, "source": f"shipped default: {shipped_dir.name}/{source.name}/{source.version}",
+                                  "shipped_created_at": source.manifest.get("created_at", "")}
+        files = {role: source.path / rel for role, rel in source.manifest.get("files", {}).items()}
+        installed.append(ensure_entry(repo, source.name, manifest, list(files.values()),
+                                      _copy_files({source.manifest["files"][role]: path for role, path in files.items()}), log))
+    return installed
+
+
+def install_defaults(repo: ModelRepository, log: Log = print, shipped_dir: Path = SHIPPED_DIR) -> list[Entry]:
     log(f"installing default models into {repo.root}")
-    entries = [install_dcgan_faces(repo, log)]
+    generator = install_dcgan_faces(repo, log)
+    entries = [generator]
     _scorer_models(repo, log)
     for name, manifest in DEFAULT_HEADS.items():
         entries.append(ensure_entry(repo, name, {"kind": HEAD_KIND, **manifest}, [], lambda _folder: None, log))
+    entries += install_shipped(repo, generator, log, shipped_dir)
     return entries

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: set up, serve the four services on the embedded default models, train a
-# head-pose boundary through the trainer, stream an edit along it through the editor, and
-# write images a person can look at (out/faces.png, out/edit-yaw.png, out/edit-yaw.gif);
-# then shut the services down cleanly.
+# The main job: set up (which installs the shipped trained defaults next to the default
+# generator, see defaults/), serve the four services, edit with InterFaceGAN along the shipped
+# head-pose boundary and with SGF toward a yaw target through the shipped attribute mapping,
+# and write images a person can look at (out/faces.png, out/edit-yaw.{png,gif},
+# out/edit-sgf-yaw.{png,gif}); then shut the services down cleanly. Nothing is trained unless a
+# shipped artifact is missing (a checkout without defaults/): then it is trained once, and said so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,7 +15,17 @@ mkdir -p out
 SERVE_PID=$!
 trap 'kill -TERM $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null || true' EXIT
 "${LE[@]}" wait --timeout 180 || { echo "services did not come up; see out/serve.log"; tail -20 out/serve.log; exit 1; }
+installed() { "${LE[@]}" models list | grep -q "^$1 "; }
 "${LE[@]}" generate --count 16 --seed 0 --out out/faces.png
-"${LE[@]}" train boundary --head pose --output yaw --samples 2000 --keep 0.1 --name demo-yaw --key "demo-yaw-$(date +%s)"
-"${LE[@]}" edit --boundary demo-yaw --start -3 --end 3 --frames 8 --seed 1 --count 4 --score pose --score expression --out out/edit-yaw
-echo "open out/faces.png, out/edit-yaw.png and out/edit-yaw.gif; service logs are in out/serve.log"
+if ! installed default-yaw; then
+  echo "default-yaw is not installed (no shipped defaults/): training it once (a few minutes)"
+  "${LE[@]}" train boundary --head pose --output yaw --samples 2000 --keep 0.1 --name default-yaw --key demo-default-yaw
+fi
+"${LE[@]}" edit --boundary default-yaw --start -3 --end 3 --frames 8 --seed 1 --count 4 --score pose --score expression --out out/edit-yaw
+if ! installed default-sgf-attributes; then
+  echo "default-sgf-attributes is not installed (no shipped defaults/): training it once (a few minutes)"
+  "${LE[@]}" train mapping --condition attributes --attribute pose.yaw --attribute expression.probabilities.happy \
+    --attribute pose.mouth_openness --attribute age_gender.male_probability --name default-sgf-attributes --key demo-default-sgf-attributes
+fi
+"${LE[@]}" edit --method sgf --mapping default-sgf-attributes --set pose.yaw=25 --seed 1 --count 4 --score pose --out out/edit-sgf-yaw
+echo "open out/faces.png, out/edit-yaw.png (.gif) and out/edit-sgf-yaw.png (.gif); service logs are in out/serve.log"

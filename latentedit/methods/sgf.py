@@ -390,6 +390,16 @@ def mapping_from_manifest(entry: Entry) -> AuxiliaryMapping:
     return AuxiliaryMapping(**config, coefficient=float(entry.manifest["coefficient"]), skip=skip)
 
 
+def mapping_artifact(spec: MappingSpec, mapping: AuxiliaryMapping, metrics: dict[str, float]) -> Trained:
+    """A trained F ready for the repository (`Trained.save`), self-describing: format, layout, condition."""
+    b = spec.basics
+    return Trained(MAPPING_KIND, b.name, b.generator, spec.space, metrics, {"mapping": "mapping.safetensors"},
+                   tensors_writer("mapping.safetensors", mapping.state_dict()),
+                   {"format_version": MAPPING_FORMAT, "config": mapping.config(), "coefficient": mapping.coefficient,
+                    "condition": spec.condition.to_dict()},
+                   PreparedMapping(mapping.eval(), spec.condition, spec.space))
+
+
 TARGET_KINDS = {AttributeGoal: "attributes", KeypointGoal: "keypoints", CaptionGoal: "caption"}
 
 
@@ -565,11 +575,7 @@ class SGF(Method):
             progress.report("building (z, c) pairs", 0.4 * (start + count) / spec.num_pairs, message=f"{start + count}/{spec.num_pairs} pairs")
         mapping, metrics = fit_mapping(np.concatenate(latents), np.concatenate(raw), spec, progress)
         progress.report("writing the mapping", 0.98, metrics)
-        return Trained(MAPPING_KIND, b.name, b.generator, spec.space, metrics, {"mapping": "mapping.safetensors"},
-                       tensors_writer("mapping.safetensors", mapping.state_dict()),
-                       {"format_version": MAPPING_FORMAT, "config": mapping.config(), "coefficient": mapping.coefficient,
-                        "condition": spec.condition.to_dict()},
-                       PreparedMapping(mapping.eval(), spec.condition, spec.space))
+        return mapping_artifact(spec, mapping, metrics)
 
     def describe(self, entry: Entry) -> Editable:
         editable = super().describe(entry)
