@@ -137,6 +137,7 @@ async function loadCatalog() {
     catalog = await (await api("/api/catalog?generator=" + encodeURIComponent(generator))).json();
   } catch (err) { showError(err); return; }
   clearError();
+  document.body.dataset.catalog = "loaded";  // what the browser test waits for
   state.catalog = catalog;
   state.heads = catalog.heads.heads || [];
   state.edits = catalog.edits.edits || [];
