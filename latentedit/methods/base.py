@@ -299,10 +299,11 @@ class _Pipeline:
         if chunk:
             yield chunk
 
-    def frames(self, path: Iterable[tuple[Latents, dict[str, float]]], length: int) -> Generator[Frame, None, None]:
+    def rendered(self, chunks: Iterator[list[tuple[int, Latents, dict[str, float]]]]
+                 ) -> Generator[tuple[list[tuple[int, Latents, dict[str, float]]], np.ndarray, Scores], None, None]:
+        """(chunk, images, scores) of each chunk, in order, the next synthesized while this one is scored."""
         generator_thread = ThreadPoolExecutor(1, thread_name_prefix="edit-synthesize")
         scorer_thread = ThreadPoolExecutor(1, thread_name_prefix="edit-score")
-        chunks = self._chunks(path)
         in_flight: deque[tuple[list[tuple[int, Latents, dict[str, float]]], Future]] = deque()
 
         def launch() -> None:
@@ -318,23 +319,39 @@ class _Pipeline:
             while in_flight:
                 chunk, synthesized = in_flight.popleft()
                 images, scores = synthesized.result().result()
-                # Two chunks in flight: one at the generator, one at the scorer. The first frame's
-                # chunk runs alone, so nothing competes with it for the first frame's latency.
+                # Two chunks in flight: one at the generator, one at the scorer. The first chunk
+                # runs alone, so nothing competes with it for the first frame's latency.
                 launch()
                 if first or len(in_flight) < 2:
                     launch()
                 first = False
-                start = 0
-                for index, latents, metrics in chunk:
-                    stop = start + len(latents)
-                    yield Frame(index, latents, images[start:stop] if self.images else None,
-                                _split_scores(scores, start, stop), metrics, COMPLETED if index == length - 1 else "")
-                    start = stop
+                yield chunk, images, scores
         finally:
             # The consumer has gone (or an error): nothing new starts; queued chunks are dropped.
             self.stopped.set()
             generator_thread.shutdown(wait=False, cancel_futures=True)
             scorer_thread.shutdown(wait=False, cancel_futures=True)
+
+    def frames(self, path: Iterable[tuple[Latents, dict[str, float]]], length: int) -> Generator[Frame, None, None]:
+        for chunk, images, scores in self.rendered(self._chunks(path)):
+            start = 0
+            for index, latents, metrics in chunk:
+                stop = start + len(latents)
+                yield Frame(index, latents, images[start:stop] if self.images else None,
+                            _split_scores(scores, start, stop), metrics, COMPLETED if index == length - 1 else "")
+                start = stop
+
+
+def scored_batches(world: World, generator: GeneratorInfo, batches: Iterable[Latents], heads: Sequence[str]
+                   ) -> Generator[tuple[Latents, Scores], None, None]:
+    """(latents, scores of their images) of each batch, in order: batch k+1 is synthesized while
+    batch k is scored (training jobs that sample and score). At most two batches are in flight
+    beyond the one handed out; closing this generator stops the rest."""
+    pipeline = _Pipeline(world, generator, FrameRequest(tuple(heads), images=False, chunk_rows=1), None)
+    no_metrics: dict[str, float] = {}
+    items = ([(index, latents, no_metrics)] for index, latents in enumerate(batches))
+    for chunk, _images, scores in pipeline.rendered(items):
+        yield chunk[0][1], scores
 
 
 def check_frames(num_frames: int, limits: EditorConfig, default: int = 8) -> int:

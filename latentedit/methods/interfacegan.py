@@ -39,6 +39,7 @@ from latentedit.methods.base import (
     job_basics,
     path_frames,
     resolve_attribute,
+    scored_batches,
 )
 from latentedit.repository import Entry, ModelRepository, validate_name
 from latentedit.world import GeneratorInfo, World
@@ -463,10 +464,15 @@ class InterFaceGAN(Method):
         scores = np.full(spec.num_samples, np.nan)
         heads = sorted({spec.attribute.head} | ({spec.quality.head} if spec.quality else set()))
         num_filtered = 0  # samples the quality filter dropped
-        for index, start, count in batches(spec.num_samples, b.batch_size):
+        def sampled() -> Iterator[Latents]:
+            for index, _start, count in batches(spec.num_samples, b.batch_size):
+                progress.check()
+                yield world.sample(b.generator, count, batch_seed(b.seed, index), spec.space)
+
+        # Batch k+1 is synthesized while batch k is scored (generator and scorer busy at once).
+        for (_index, start, count), (latents, outputs) in zip(batches(spec.num_samples, b.batch_size),
+                                                               scored_batches(world, b.generator, sampled(), heads)):
             progress.check()
-            latents = world.sample(b.generator, count, batch_seed(b.seed, index), spec.space)
-            outputs = world.score(world.synthesize(b.generator, latents), heads)
             values = spec.attribute.extract(outputs)
             if spec.quality is not None:
                 scored = np.isfinite(values)
