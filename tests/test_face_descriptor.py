@@ -83,6 +83,16 @@ def test_chips_are_dlibs_chips(installed_repo, descriptor, face_latents_and_imag
         expected = dlib.get_face_chip(np.ascontiguousarray(face), shape, 150, 0.25).astype(np.float64)
         got = chip.permute(1, 2, 0).numpy()
         assert (got == expected).mean() > 0.99 and np.abs(got - expected).max() <= 1
+    # dlib's 5-point landmarks (the age-gender entry ships that predictor) align the same way.
+    five = dlib.shape_predictor(str(installed_repo.resolve("age-gender").file("landmarks5")))
+    rect = dlib.rectangle(*FACE_BOX)
+    shapes5 = [five(np.ascontiguousarray(f), rect) for f in faces]
+    points5 = np.array([[(p.x, p.y) for p in s.parts()] for s in shapes5], np.float64)
+    chips5 = extract_chips(torch.from_numpy(faces).permute(0, 3, 1, 2).double(), chip_transforms(points5))
+    for chip, face, shape in zip(chips5, faces, shapes5):
+        expected = dlib.get_face_chip(np.ascontiguousarray(face), shape, 150, 0.25).astype(np.float64)
+        got = chip.permute(1, 2, 0).numpy()
+        assert (got == expected).mean() > 0.99 and np.abs(got - expected).max() <= 1
 
 
 def test_gradients_reach_the_pixels(descriptor, face_latents_and_images):
