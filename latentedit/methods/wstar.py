@@ -266,6 +266,7 @@ class FlowOptions:
     identity_weight: float = 0.0  # lambda_ID (0: no identity loss)
     identity_noise: float = 0.3  # sigma of eq. 4's eps
     identity_batch: int = 8  # rows of each step that also go through G and F for L_ID
+    identity_every: int = 1  # L_ID on every k-th step only, weighted k x (G and F are costly on a CPU)
     steps: int = 1500
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -305,9 +306,9 @@ def fit_flow(flow: RealNVP, classifiers: LinearClassifiers, x: torch.Tensor, lab
             l_d = distance_loss(proxy.reshape(len(chosen), blocks.shape[1], -1), targets[chosen])
             total = total + options.distance_weight * l_d
             losses["loss_distance"] = l_d.item()
-        if identity is not None and options.identity_weight > 0:
+        if identity is not None and options.identity_weight > 0 and step % max(1, options.identity_every) == 0:
             l_id = identity(flow, x[rows[: options.identity_batch]], rng)
-            total = total + options.identity_weight * l_id
+            total = total + options.identity_weight * max(1, options.identity_every) * l_id
             losses["loss_identity"] = l_id.item()
         losses["loss"] = total.item()
         if not math.isfinite(losses["loss"]):
