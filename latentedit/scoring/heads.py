@@ -161,14 +161,21 @@ class IdentityHead(_DependentHead):
     the descriptors match dlib's own (cosine >= 0.99999 on DCGAN faces)."""
 
     roles = ("landmarks",)
+    # Rows per network call: bounds the activations (~1.5 MB per face at the first layers) when a
+    # request larger than the batcher's max_batch_size runs alone (up to max_request_batch rows).
+    chunk_rows = 64
 
     @torch.inference_mode()
     def compute(self, batch: Batch, inputs: dict[str, HeadResult]) -> HeadResult:
         network: DlibResNet = self.models["descriptor"]
-        faces = torch.from_numpy(batch.resized(FACE_SIZE)).permute(0, 3, 1, 2).float()
+        faces = batch.resized(FACE_SIZE)
         points = np.round(batch.to_square(self.input(inputs, "landmarks").outputs["points"]) * FACE_SIZE)
-        chips = extract_chips(faces, chip_transforms(points))
-        return HeadResult({"embedding": network(chips).numpy().astype(np.float32)})
+        out = []
+        for start in range(0, len(faces), self.chunk_rows):
+            rows = slice(start, start + self.chunk_rows)
+            chips = extract_chips(torch.from_numpy(faces[rows]).permute(0, 3, 1, 2).float(), chip_transforms(points[rows]))
+            out.append(network(chips).numpy())
+        return HeadResult({"embedding": np.concatenate(out).astype(np.float32)})
 
 
 class ExpressionHead(Head):
