@@ -3,8 +3,9 @@
 Recipe (issue 9 part 4):
 - Teacher: the repository's `dcgan-faces` (z ~ N(0, I_100) -> 64x64 faces), eval mode.
 - Student: `latentedit.models.stylegan2.StyleGAN2Generator` with z_dim 100 (the teacher's z,
-  so every z has a target image), w_dim 256, 4 mapping layers, at most 128 channels per block
-  (about 2 M parameters, ~8 MB of float32 safetensors), fixed noise from seed 0.
+  so every z has a target image), w_dim 256, 4 mapping layers, channels 256, 256, 128, 64, 32
+  for blocks 4..64 (the teacher's widths; about 0.3 GMAC per image, ~10 MB of float32
+  safetensors), fixed noise from seed 0.
 - Loss for the same z: L1 on pixels + L1 at 32 and 16 px (coarse structure first), plus a
   feature loss on the shipped differentiable networks: fer's EmotionNet activations (grey
   64 px) and MTCNN O-Net's convolution activations (48 px RGB), each normalised by the
@@ -61,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--w-dim", type=int, default=256)
     p.add_argument("--mapping-layers", type=int, default=4)
-    p.add_argument("--max-channels", type=int, default=128)
+    p.add_argument("--channels", default="256,256,128,64,32",
+                   help="channels of blocks 4, 8, 16, 32, 64 (the teacher's widths, halving per doubling)")
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--adv-weight", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.999)
@@ -200,7 +202,7 @@ def main() -> None:
     nets = FeatureNets(repo).to(device)
     torch.manual_seed(args.seed)
     config = dict(resolution=64, z_dim=100, w_dim=args.w_dim, mapping_layers=args.mapping_layers,
-                  max_channels=args.max_channels, noise_seed=args.seed)
+                  channels=[int(c) for c in args.channels.split(",")], noise_seed=args.seed)
     student = StyleGAN2Generator(**config).to(device)
     student.estimate_w_avg(1024, args.seed)
     student.train()
