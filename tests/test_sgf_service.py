@@ -44,8 +44,9 @@ def stubs(suite_in_process):
 
 
 def _train(trainer, name, condition, pairs=1000, **fields):
+    # F = a z + R(z, c) (format 2) fits in a few hundred steps; format 1 needed 1500 here and still ended at 0.95.
     spec = trainer_pb2.MappingJobSpec(condition=condition, num_pairs=pairs, depth=6, hidden_dim=128,
-                                      options=trainer_pb2.TrainingOptions(artifact_name=name, steps=1500), **fields)
+                                      options=trainer_pb2.TrainingOptions(artifact_name=name, steps=400), **fields)
     job = trainer.StartJob(trainer_pb2.StartJobRequest(idempotency_key=name, mapping=spec), timeout=120)
     final = list(trainer.WatchJob(trainer_pb2.WatchJobRequest(id=job.id), timeout=900))[-1].job
     assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.error
@@ -76,10 +77,10 @@ def _edit(editor, mapping, target, heads, seed=3, count=8, steps=20, tolerance=0
 def test_every_layer_of_the_trained_mapping_is_a_contraction(attribute_mapping, suite_in_process, clients):
     import torch
 
-    assert attribute_mapping.metrics["max_spectral_norm"] < 1.0
+    assert attribute_mapping.metrics["max_spectral_norm"] < 1.0 and attribute_mapping.metrics["lipschitz_bound"] < 1.0
     prepared = _mapping(suite_in_process, "sgf-attributes")
     mapping, condition = prepared.mapping, prepared.condition
-    assert max(mapping.layer_spectral_norms()) < 1.0
+    assert max(mapping.layer_spectral_norms()) < 1.0 and mapping.skip == 0.5 and mapping.lipschitz_bound() < 1.0
     assert condition.kind == "attributes" and [a.output for a in condition.attributes] == ["yaw", "mouth_openness", "probabilities"]
 
     # Measured here on fresh pairs (z, C(G(z))) drawn and scored through the stubs.
@@ -93,10 +94,12 @@ def test_every_layer_of_the_trained_mapping_is_a_contraction(attribute_mapping, 
         assert torch.linalg.matrix_norm(jacobian, ord=2) < 1.0
     with torch.no_grad():
         error = float((mapping(z_t, c_t) - z_t).pow(2).sum(1).mean() / z_t.pow(2).sum(1).mean())
-    # Relative squared error: predicting 0 (the prior's mean) scores 1, an untrained F about 1.15. A
-    # contraction cannot pass z through, and this small F fits poorly: measured 0.95 held out, 0.96 here.
+    # Relative squared error: predicting 0 (the prior's mean) scores 1. A contraction cannot pass z
+    # through exactly; F = 0.5 z + R(z, c) gets near (1 - 0.5)^2 and below. Format 1 (F = R(z, c))
+    # measured 0.95 held out and 0.96 here with 1500 steps; format 2 reaches ~0.25 in 400 (the shipped
+    # default-sgf-attributes, same layout on 1080 pairs: 0.246 held out, defaults/recipe.json).
     reported = attribute_mapping.metrics["reconstruction_error"]
-    assert error < 0.98 and reported < 0.98, (error, reported)
+    assert error < 0.4 and reported < 0.4, (error, reported)
     assert abs(error - reported) < 0.05, (error, reported)  # the job's held-out figure holds on fresh samples
 
 
