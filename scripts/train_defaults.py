@@ -70,7 +70,9 @@ CHECK_SEED, CHECK_COUNT = 777_000, 64
 BATCH = 256
 RECIPE = {
     "samples_seed": 0,
-    "boundary": {"keep_fraction": 0.1, "validation_fraction": 0.3, "svm_c": 1.0, "threshold": "median"},
+    # keep 0.3, C 0.1: on these 1200 samples, fitted on one half, accuracy on the other half above the
+    # median 0.79 / 0.68 / 0.57 / 0.64 (yaw, smile, mouth-open, male) vs 0.75 / 0.65 / 0.53 / 0.60 with keep 0.1, C 1.
+    "boundary": {"keep_fraction": 0.3, "validation_fraction": 0.3, "svm_c": 0.1, "threshold": "median"},
     "mapping": {"depth": 6, "hidden": 128, "steps": 400, "learning_rate": 2e-3, "train_batch": 128, "skip": 0.5,
                 "held_out": "first 10% of the pairs"},
     "dplase": {"layer": "block3", "num_directions": 10, "steps": 150, "batch_size": 8, "learning_rate": 3e-3,
