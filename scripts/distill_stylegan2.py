@@ -12,7 +12,8 @@ Recipe (issue 9 part 4):
   teacher's activation scale. Optional adversarial term (--adv-weight, a small conv
   discriminator on teacher vs student images) is off by default.
 - Adam (lr 2e-3, betas 0 / 0.99 as in StyleGAN2; the mapping's 0.01 lr multiplier lives in
-  the model), batch 32, an EMA copy of the student (beta 0.999) is what gets saved;
+  the model), batch 32, an EMA copy of the student (beta 0.999, ramped up from 0.1 over the
+  first steps) is what gets saved;
   w_avg is tracked by the mapping network during training.
 - Figures (held-out z): pixel L1 to the teacher; share of images the quality head (MTCNN face
   probability) accepts at the teacher's 5th-percentile threshold, student vs teacher; Frechet
@@ -241,8 +242,9 @@ def main() -> None:
         loss.backward()
         opt.step()
         with torch.no_grad():
+            beta = min(args.ema, (1 + step) / (10 + step))  # ramp-up: early EMA copies follow the student
             for pe, ps in zip(ema.parameters(), student.parameters()):
-                pe.lerp_(ps, 1 - args.ema)
+                pe.lerp_(ps, 1 - beta)
             for be, bs in zip(ema.buffers(), student.buffers()):
                 be.copy_(bs)
         step += 1
