@@ -162,7 +162,11 @@ def main() -> None:
     parser.add_argument("--cache", default="", help="an .npz to read/write the scored samples (saves re-scoring)")
     parser.add_argument("--compare", action="store_true", help="also train format-1 F on the same pairs (before/after)")
     parser.add_argument("--skip-dplase", action="store_true")
+    parser.add_argument("--results-only", action="store_true", help="rewrite the RESULTS.md section from defaults/recipe.json")
     args = parser.parse_args()
+    if args.results_only:
+        write_results(json.loads((ROOT / "defaults" / "recipe.json").read_text()), "--compare (section from defaults/recipe.json)")
+        return
     torch.set_num_threads(args.threads)
     if args.steps:
         RECIPE["mapping"]["steps"] = RECIPE["dplase"]["steps"] = args.steps
@@ -277,16 +281,65 @@ def main() -> None:
     seconds["total"] = time.perf_counter() - began
     record["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     record["sizes_bytes"] = {p.parent.parent.name: p.stat().st_size for p in out.glob("*/1/*.safetensors")}
+    record["comparison"] = [dict(zip(("condition", "condition_dim", "format1_error", "format1_field_cosine", "format1_seconds",
+                                      "format2_error", "format2_field_cosine", "format2_seconds"), row)) for row in comparison]
     (out / "recipe.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     log(f"wrote {out} ({sum(record['sizes_bytes'].values()) / 1e6:.2f} MB of tensors) in {seconds['total']:.0f} s")
-    if comparison:
-        lines = ["| condition | c dim | format 1 err | format 1 field cos | format 1 s | format 2 err | format 2 field cos | format 2 s |",
-                 "|---|---|---|---|---|---|---|---|",
-                 *[f"| {k} | {d} | {e1:.3f} | {c1:.2f} | {s1:.0f} | {e2:.3f} | {c2:.2f} | {s2:.0f} |"
-                   for k, d, e1, c1, s1, e2, c2, s2 in comparison]]
-        (out.parent / "out").mkdir(exist_ok=True)
-        (out.parent / "out" / "sgf-before-after.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
+    if out.resolve() == (ROOT / "defaults").resolve():
+        write_results(record, " ".join(sys.argv[1:]))
+
+
+def write_results(record: dict, arguments: str) -> None:
+    """bench/RESULTS.md, section "Shipped trained defaults", from a recipe.json record."""
+    from bench.common import record as write_section
+
+    recipe, artifacts = record["recipe"], record["artifacts"]
+    rb, rm, rd = recipe["boundary"], recipe["mapping"], recipe["dplase"]
+    lines = [
+        f"Recipe: {recipe['samples']} samples of {recipe['generator']} (seed {recipe['samples_seed']}, batches of 256), each drawn and "
+        f"scored once with {', '.join(recipe['heads'])}; {recipe['threads']} torch thread(s), nice, on the shared 2-core machine. "
+        f"Boundaries: keep {rb['keep_fraction']}, {rb['validation_fraction']:.0%} validation, linear SVM C = {rb['svm_c']}, all-sample "
+        f"labels above the median. SGF mappings: F = {rm['skip']} z + R(z, c), depth {rm['depth']}, width {rm['hidden']}, {rm['steps']} "
+        f"Adam steps of batch {rm['train_batch']}, lr {rm['learning_rate']}, held out: {rm['held_out']}. DP-LaSE: {rd['num_directions']} "
+        f"directions at {rd['layer']}, {rd['steps']} steps of batch {rd['batch_size']}, lr {rd['learning_rate']}, no subspace refinement, "
+        f"named on {rd['naming_samples']} starts each. Check set (tests/test_shipped_defaults.py): {recipe['check_count']} samples, "
+        f"seed {recipe['check_seed']}.",
+        "",
+        "| artifact | what | figures | check set |",
+        "|---|---|---|---|",
+    ]
+    for name, info in artifacts.items():
+        m, check = info["metrics"], info["check"]
+        if info["kind"] == "boundary":
+            lines.append(f"| {name} | boundary {info['attribute']} | validation accuracy {m['validation_accuracy']:.3f}, all samples "
+                         f"{m['all_samples_accuracy']:.3f} | accuracy {check['accuracy']:.3f} |")
+        elif info["kind"] == "mapping":
+            lines.append(f"| {name} | SGF mapping, {info['condition']} (c dim {int(m['condition_dim'])}) | held-out error "
+                         f"{m['reconstruction_error']:.3f}, field cosine {m['field_cosine']:.2f}, Lip_z bound {m['lipschitz_bound']:.4f}, "
+                         f"{info['train_seconds']:.0f} s | error {check['reconstruction_error']:.3f} |")
+        else:
+            best = check["best_named"]
+            lines.append(f"| {name} | DP-LaSE directions | {int(m['num_directions'])} directions, orthogonality error "
+                         f"{m['orthogonality_error']:.1e}, {int(m['named_above_0.5'])} named with abs(r) > 0.5 | best named: "
+                         f"{best['index']}: {best['attribute']} r = {best['correlation']:+.2f} |")
+    seconds = record["seconds"]
+    lines += ["", f"Seconds: {', '.join(f'{k} {v:.0f}' for k, v in seconds.items())}. Tensors: "
+              f"{sum(record['sizes_bytes'].values()) / 1e6:.2f} MB."]
+    if record.get("comparison"):
+        lines += [
+            "",
+            "SGF F before / after issue 13, trained on the same pairs with the same budget (format 1: F = R(z, c), every layer "
+            "x0.97; format 2: F = 0.5 z + R(z, c), Lip_z <= 0.99). err: held-out |F(z,c) - z|^2 / |z|^2 (0: perfect, 1: predicting "
+            "0). field cos: SGF's step (m = 1) for a unit change of c vs the linear regression's dE[z|c]/dc, mean over held-out "
+            "points (dc: the first attribute, pose.yaw; for keypoints and caption the top principal direction of c).",
+            "",
+            "| condition | c dim | format 1 err | format 1 field cos | format 1 s | format 2 err | format 2 field cos | format 2 s |",
+            "|---|---|---|---|---|---|---|---|",
+            *[f"| {r['condition']} | {r['condition_dim']} | {r['format1_error']:.3f} | {r['format1_field_cosine']:.2f} | "
+              f"{r['format1_seconds']:.0f} | {r['format2_error']:.3f} | {r['format2_field_cosine']:.2f} | {r['format2_seconds']:.0f} |"
+              for r in record["comparison"]],
+        ]
+    write_section("Shipped trained defaults", f"python scripts/train_defaults.py {arguments}".strip(), "\n".join(lines))
 
 
 if __name__ == "__main__":
