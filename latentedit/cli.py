@@ -383,14 +383,18 @@ def progress_line(job, message: str = "", elapsed_s: float = 0.0) -> str:
             f"{_duration(elapsed_s)} elapsed{eta}")
 
 
-# What a mapping job costs on 2 idle CPU cores (this project's reference machine), for the
-# estimate `train mapping` prints before it starts. Per (z, c) pair: generate + score the heads the
-# condition needs (MTCNN for keypoints is the slow one); per training step of F: Adam on a batch
-# of 128 through depth x hidden^2 weights, 0.35 s at 6 x 256 (issue 13: a default mapping took
-# 18 minutes here). Measured with tests/../bench-style runs of LocalWorld on this machine;
-# another machine (a GPU trainer) differs, and the progress line's ETA follows the real rate.
-PAIR_SECONDS = {"attributes": 0.006, "keypoints": 0.07, "caption": 0.02}
-STEP_SECONDS_AT_256x6 = 0.35
+# What a mapping job costs on 2 CPU cores that nothing else uses, for the estimate `train mapping`
+# prints before it starts: pairs x PAIR_SECONDS[condition] (sample, synthesize and score the heads
+# the condition needs; MTCNN makes keypoints the slow one) + steps x the cost of one Adam step of
+# F on a batch of 128, scaled by depth x hidden^2 from 6 x 256. Measured here in-process on
+# 2026-11-29 (LocalWorld, 128 pairs per condition; 60 steps of the a z + R(z, c) F with 1 torch
+# thread): attributes 0.018 s, keypoints 0.21 s, caption 0.059 s per pair, 0.15 s per step.
+# Shared cores are far slower for the trainer's multi-threaded torch (the same day, load 14-16:
+# 2.5 s per step in-process with 2 threads; a 300-pair, 100-step caption job estimated at 33 s took
+# 9m51s), so the line says the estimate assumes free cores, and the progress line's ETA follows
+# the real rate.
+PAIR_SECONDS = {"attributes": 0.02, "keypoints": 0.2, "caption": 0.06}
+STEP_SECONDS_AT_256x6 = 0.15
 
 
 def estimate_mapping_seconds(condition: str, pairs: int, steps: int, hidden: int, depth: int,
@@ -413,9 +417,9 @@ def _mapping_settings(pairs: int, steps: int, hidden: int, depth: int) -> tuple[
 def mapping_estimate_line(condition: str, pairs: int, steps: int, hidden: int, depth: int) -> str:
     pairs_s, steps_s = estimate_mapping_seconds(condition, pairs, steps, hidden, depth)
     pairs, steps, hidden, depth = _mapping_settings(pairs, steps, hidden, depth)
-    return (f"expected time: ~{_duration(pairs_s + steps_s)} on 2 idle CPU cores ({pairs} pairs ~{_duration(pairs_s)}, "
-            f"{steps} steps of a {depth}x{hidden} F ~{_duration(steps_s)}); fewer --pairs / --steps or a smaller "
-            "--hidden train faster")
+    return (f"expected time: ~{_duration(pairs_s + steps_s)} on 2 free CPU cores ({pairs} pairs ~{_duration(pairs_s)}, "
+            f"{steps} steps of a {depth}x{hidden} F ~{_duration(steps_s)}); cores other work uses can make it many "
+            "times longer (the ETA below follows the real rate); fewer --pairs / --steps or a smaller --hidden train faster")
 
 
 def cmd_train_boundary(args: argparse.Namespace) -> int:
@@ -595,40 +599,23 @@ def _sgf_request(args: argparse.Namespace):
     return request
 
 
-def build_parser() -> argparse.ArgumentParser:
-    import dataclasses
-
-    from latentedit.api.v1 import editor_pb2, trainer_pb2
-    from latentedit.methods.interfacegan import InterFaceGANOptions
-    from latentedit.methods.registry import METHODS
-    from latentedit.methods.sgf import MappingSpec, SGFOptions
-
-    # The CLI shows the methods' own defaults; unset values travel as 0 and the service fills them in.
-    ifg_defaults, sgf_defaults = InterFaceGANOptions(""), SGFOptions("", ())
-    mapping_defaults = {f.name: f.default for f in dataclasses.fields(MappingSpec)}
-    parser = _Parser(prog="latentedit", description="Latent-space image editing services.")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--token", default=None, help="bearer token for the services (default: $LATENTEDIT_TOKEN)")
-    parser.add_argument("--token-file", default=None, help="read the bearer token from this file")
-    parser.add_argument("--ca", default=None, help="CA file that verifies the services' certificates "
-                        "(default: $LATENTEDIT_CA, then the config's security.ca_file)")
-    # Not --cert/--key: `train --key` is the idempotency key, and one dest would clobber the other.
-    parser.add_argument("--client-cert", default=None, help="client certificate, for mutual TLS (default: "
-                        "$LATENTEDIT_CERT, then the config's security.client_cert_file)")
-    parser.add_argument("--client-key", default=None, help="client key, for mutual TLS (default: $LATENTEDIT_KEY, then "
-                        "the config's security.client_key_file)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_serve(sub) -> None:
+    """latentedit serve [SERVICE ...]"""
     serve = sub.add_parser("serve", help="serve one service in this process, or several as child processes")
     serve.add_argument("services", nargs="*", help=f"any of {', '.join(SERVICE_NAMES)} (default: all)")
     serve.set_defaults(func=cmd_serve)
 
+
+def _add_models(sub) -> None:
+    """latentedit models install | list"""
     models = sub.add_parser("models", help="manage the model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("install", help="install the embedded default models").set_defaults(func=cmd_models_install)
     models_sub.add_parser("list", help="list the repository").set_defaults(func=cmd_models_list)
 
+
+def _add_certs(sub) -> None:
+    """latentedit certs make DIRECTORY"""
     certs = sub.add_parser("certs", help="certificates for a secure local set-up")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
     make = certs_sub.add_parser("make", help="a self-signed CA, a server and a client certificate, and tokens, in DIRECTORY")
@@ -638,11 +625,17 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--days", type=COUNT, default=365)
     make.set_defaults(func=cmd_certs_make)
 
+
+def _add_wait(sub) -> None:
+    """latentedit wait [SERVICE ...]"""
     wait = sub.add_parser("wait", help="wait until services report SERVING")
     wait.add_argument("services", nargs="*")
     wait.add_argument("--timeout", type=SECONDS, default=180, help="seconds to wait, listening or not")
     wait.set_defaults(func=cmd_wait)
 
+
+def _add_generate(sub) -> None:
+    """latentedit generate: a PNG grid of generated faces"""
     gen = sub.add_parser("generate", help="write a PNG grid of generated images")
     gen.add_argument("--out", default="out/faces.png")
     gen.add_argument("--count", type=_number(int, 1, LIMITS.custom_latents), default=16)
@@ -653,6 +646,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--in-process", action="store_true", help="run the generator here instead of calling the service")
     _add_service_args(gen, "generator", wait_s=60)
     gen.set_defaults(func=cmd_generate)
+
+
+def _add_train(sub) -> None:
+    """latentedit train boundary | mapping | <any job kind of the method registry>"""
+    from latentedit.api.v1 import trainer_pb2
+    from latentedit.methods.registry import METHODS
+    from latentedit.methods.sgf import MappingSpec
+
+    # The CLI shows the methods' own defaults; unset values travel as 0 and the service fills them in.
+    mapping_defaults = {f.name: f.default for f in dataclasses.fields(MappingSpec)}
+    default = "the default"
     train = sub.add_parser("train", help="train artifacts through the trainer service")
     train_sub = train.add_subparsers(dest="train_command", required=True)
     boundary = train_sub.add_parser("boundary", help="an InterFaceGAN boundary for one scorer attribute")
@@ -672,7 +676,6 @@ def build_parser() -> argparse.ArgumentParser:
     mapping.add_argument("--condition", choices=["attributes", "keypoints", "caption"], required=True)
     mapping.add_argument("--attribute", action="append", default=[], help="head.output[.label] (repeatable), for attributes")
     mapping.add_argument("--keypoints-head", default="keypoints5")
-    default = "the default"
     mapping.add_argument("--pairs", type=_number(int, 1, LIMITS.mapping_pairs, zero=default), default=0,
                          help=f"(z, c) pairs (default {mapping_defaults['num_pairs']}; the paper: 200,000)")
     mapping.add_argument("--depth", type=_number(int, 2, LIMITS.mapping_depth, zero=default), default=0,
@@ -694,6 +697,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_job_args(generic)
         generic.set_defaults(func=cmd_train_generic, kind=kind)
 
+
+def _add_edit(sub) -> None:
+    """latentedit edit: stream an edit, write a strip PNG and a GIF"""
+    from latentedit.api.v1 import editor_pb2
+    from latentedit.methods.interfacegan import InterFaceGANOptions
+    from latentedit.methods.registry import METHODS
+    from latentedit.methods.sgf import SGFOptions
+
+    ifg_defaults, sgf_defaults = InterFaceGANOptions(""), SGFOptions("", ())
+    default = "the default"
     edit = sub.add_parser("edit", help="stream an edit and write a strip PNG and an animated GIF",
                           epilog="\n".join(_params_epilog(editor_pb2.EditRequest.DESCRIPTOR.fields_by_name[m].message_type)
                                             for m in METHODS if m in editor_pb2.EditRequest.DESCRIPTOR.fields_by_name),
@@ -727,7 +740,15 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", default="out/edit", help="path without suffix: writes .png and .gif")
     _add_service_args(edit, "editor")
     edit.set_defaults(func=cmd_edit)
+
+
+def _add_methods(sub) -> None:
+    """latentedit methods"""
     sub.add_parser("methods", help="list the edit methods and the jobs that train them").set_defaults(func=cmd_methods)
+
+
+def _add_eval(sub) -> None:
+    """latentedit eval mds | dplase (in-process)"""
     evaluate = sub.add_parser("eval", help="evaluate edit methods")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     mds = eval_sub.add_parser("mds", help="Manipulation Disentanglement Score of every method (SGF paper 4.4.1)")
@@ -766,13 +787,60 @@ def build_parser() -> argparse.ArgumentParser:
     dplase.add_argument("--model", default="")
     dplase.add_argument("--out", default="out/dplase", help="path without suffix: writes .md (tables) and .json (cells)")
     dplase.set_defaults(func=cmd_eval_dplase)
+
+
+# Each command adds its own subparser; only the command given is built (the edit, train and
+# eval parsers import the method registry, i.e. torch and scikit-learn: seconds that a
+# `generate` or `wait` need not spend). A new command: one _add_<name> function and a line here.
+COMMANDS: dict[str, Callable[[Any], None]] = {
+    "serve": _add_serve, "models": _add_models, "certs": _add_certs, "wait": _add_wait, "generate": _add_generate,
+    "train": _add_train, "edit": _add_edit, "methods": _add_methods, "eval": _add_eval,
+}
+# Global options that take a value (to find the command word in argv without parsing).
+_VALUED_OPTIONS = {"--config", "--token", "--token-file", "--ca", "--client-cert", "--client-key"}
+
+
+def command_word(argv: list[str]) -> str:
+    """The command in argv ('' when none is given or it comes after something unexpected)."""
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in _VALUED_OPTIONS:
+            skip = True
+        elif not token.startswith("-"):
+            return token
+    return ""
+
+
+def build_parser(only: str = "") -> argparse.ArgumentParser:
+    """The whole command line, or with `only` (a COMMANDS key) just that command's part."""
+    parser = _Parser(prog="latentedit", description="Latent-space image editing services.")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--token", default=None, help="bearer token for the services (default: $LATENTEDIT_TOKEN)")
+    parser.add_argument("--token-file", default=None, help="read the bearer token from this file")
+    parser.add_argument("--ca", default=None, help="CA file that verifies the services' certificates "
+                        "(default: $LATENTEDIT_CA, then the config's security.ca_file)")
+    # Not --cert/--key: `train --key` is the idempotency key, and one dest would clobber the other.
+    parser.add_argument("--client-cert", default=None, help="client certificate, for mutual TLS (default: "
+                        "$LATENTEDIT_CERT, then the config's security.client_cert_file)")
+    parser.add_argument("--client-key", default=None, help="client key, for mutual TLS (default: $LATENTEDIT_KEY, then "
+                        "the config's security.client_key_file)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, add in COMMANDS.items():
+        if not only or name == only:
+            add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 any error (bad arguments included: one line on stderr), 130 interrupted."""
+    argv = sys.argv[1:] if argv is None else argv
+    word = command_word(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(word if word in COMMANDS else "").parse_args(argv)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

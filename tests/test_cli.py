@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +14,7 @@ import grpc
 import pytest
 
 from latentedit.cli import main
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
 
 def test_generic_job_help_lists_every_spec_field(capsys):
@@ -186,3 +188,15 @@ def test_loading_the_text_model_draws_no_progress_bar(installed_repo, capfd, cap
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "it/s" not in err and "%|" not in err, err
     assert any(r.getMessage().startswith("text model loaded from") for r in caplog.records)
+
+
+def test_commands_that_need_no_method_do_not_load_torch(tmp_path):
+    """`generate` (or `wait`, `models`) builds only its own parser: no method registry, so no
+    torch and scikit-learn import (seconds) before it can say that nothing is listening."""
+    config, ports = _config_without_services(tmp_path)
+    script = ("import sys; from latentedit.cli import main; "
+              f"code = main(['--config', {str(config)!r}, 'generate', '--out', {str(tmp_path / 'f.png')!r}]); "
+              "print(code, 'torch' in sys.modules, 'sklearn' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.stdout.split() == ["1", "False", "False"], done.stdout + done.stderr
+    assert f"nothing is listening at localhost:{ports['generator']}" in done.stderr
