@@ -147,7 +147,6 @@ def served(installed_repo, tmp_path_factory):
     model = random_stylegan2(seed=1, **TINY)
     install_stylegan2(repo, SG2, model, {"note": "random test model"})
     no_avg = random_stylegan2(seed=2, **TINY, has_w_avg=False)
-    no_avg.has_w_avg = False
     install_stylegan2(repo, NO_AVG, no_avg, {"note": "random test model, no w_avg"})
     host, pool = build(make_config(repo, threads=1))
     channel = grpc.insecure_channel(f"localhost:{host.port}", options=channel_options())

@@ -438,5 +438,6 @@ def random_stylegan2(seed: int = 0, **config: Any) -> StyleGAN2Generator:
     with torch.no_grad():
         for layer in model.noise_layers():
             layer.noise_strength.fill_(0.2)
-    model.estimate_w_avg(1024, seed)
+    if model.has_w_avg:
+        model.estimate_w_avg(1024, seed)
     return model.eval()
