@@ -76,7 +76,9 @@ class TorchBackend(GeneratorBackend):
 
 
 def export_onnx(model: StagedGenerator, opset: int) -> bytes:
-    """The latent -> image graph as ONNX bytes, with a dynamic batch axis."""
+    """The input-layer -> image graph as ONNX bytes, with a dynamic batch axis (Z latents for the
+    DCGAN; W+ latents for style generators, whose Z and W requests are mapped and broadcast to
+    W+ before the graph, so one export serves all three spaces)."""
     model = copy.deepcopy(model).to("cpu", torch.float32).eval()  # never move the serving copy
     example = torch.zeros(2, *model.spec.layers[0].shape)
     buffer = io.BytesIO()
@@ -137,12 +139,15 @@ class TensorRTBackend(GeneratorBackend):
 
     kind = types_pb2.BACKEND_TENSORRT
 
-    def __init__(self, onnx_path: Path, repo: ModelRepository, latent_dim: int, max_batch: int, fp16: bool) -> None:
+    def __init__(self, onnx_path: Path, repo: ModelRepository, input_shape: int | Sequence[int], max_batch: int,
+                 fp16: bool) -> None:
+        """`input_shape`: the per-sample input-layer shape ((dim,) for Z generators, (num_ws, w_dim) for
+        W+ ones; an int means (dim,))."""
         import tensorrt as trt
 
         self.trt = trt
         self.logger = trt.Logger(trt.Logger.WARNING)
-        self.latent_dim = latent_dim
+        self.input_shape = (input_shape,) if isinstance(input_shape, int) else tuple(int(d) for d in input_shape)
         self.max_batch = max_batch
         onnx_bytes = onnx_path.read_bytes()
         profile = (1, min(64, max_batch), max_batch)
@@ -176,7 +181,7 @@ class TensorRTBackend(GeneratorBackend):
         if fp16:
             config.set_flag(trt.BuilderFlag.FP16)
         opt = builder.create_optimization_profile()
-        opt.set_shape("latent", (profile[0], self.latent_dim), (profile[1], self.latent_dim), (profile[2], self.latent_dim))
+        opt.set_shape("latent", *((batch, *self.input_shape) for batch in profile))
         config.add_optimization_profile(opt)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:

@@ -71,9 +71,10 @@ class LoadedGenerator:
     def spec(self):
         return self.model.spec
 
-    def sample(self, space: LatentSpaceSpec, count: int, seed: int) -> np.ndarray:
-        """Seeded latents of `space` (W and W+ through the mapping network, on the CPU copy)."""
-        return self.cpu_model.sample(space, count, seed)
+    def sample(self, space: LatentSpaceSpec, count: int, seed: int, truncation_psi: float = 1.0) -> np.ndarray:
+        """Seeded latents of `space` (W and W+ through the mapping network, on the CPU copy),
+        truncated towards w_avg when `truncation_psi` != 1 (the model's cutoff in W+)."""
+        return self.cpu_model.sample(space, count, seed, truncation_psi)
 
     def to_input(self, latents: Latents) -> np.ndarray:
         """Latents of any space -> input-layer features (mapping Z, broadcasting W), float32."""
@@ -263,7 +264,7 @@ class GeneratorPool:
         if onnx_path is not None and tensorrt_available() and self.config.backend in ("auto", "tensorrt"):
             try:
                 backends[types_pb2.BACKEND_TENSORRT] = TensorRTBackend(
-                    onnx_path, self.repo, model.spec.layers[0].shape[0], self.config.max_batch_size, self.config.cuda_fp16
+                    onnx_path, self.repo, model.spec.layers[0].shape, self.config.max_batch_size, self.config.cuda_fp16
                 )
             except Exception as exc:  # noqa: BLE001
                 log.warning("%s v%d: TensorRT backend unavailable: %s", entry.name, entry.version, exc)

@@ -61,6 +61,28 @@ def _space(loaded: LoadedGenerator, code: int) -> LatentSpaceSpec:
     raise InvalidArgument(f"{loaded.entry.name} has no latent space {types_pb2.LatentSpace.Name(code)}; allowed: {allowed}")
 
 
+def _check_latent_shape(loaded: LoadedGenerator, space: LatentSpaceSpec, tensor: types_pb2.Tensor) -> None:
+    """Say precisely what is wrong when latents do not have their space's shape: W+ with the
+    wrong number of rows, or latents of another space (Z sent as W) recognisable by shape."""
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) < 1 or shape[1:] == space.shape:
+        return  # right shape (or no batch axis: wire.from_tensor says so)
+    name = types_pb2.LatentSpace.Name(wire.space_code(space.space))
+    if space.space == "w+" and len(shape) == 3 and shape[2] == space.dim:
+        raise InvalidArgument(f"latents.values: {name} latents of {loaded.entry.name} have num_ws = {space.num_ws} rows "
+                              f"of {space.dim}; these have {shape[1]} rows (shape {list(shape)})")
+    for other in loaded.spec.latent_spaces:
+        if other.space != space.space and shape[1:] == other.shape:
+            other_name = types_pb2.LatentSpace.Name(wire.space_code(other.space))
+            raise InvalidArgument(
+                f"latents.values: shape {list(shape)} is that of {other_name} latents of {loaded.entry.name}, but "
+                f"latents.space is {name} ({space.describe()}); set latents.space to {other_name} or send {name} latents")
+
+
+# Truncation further from w_avg than this is extrapolation nobody means (StyleGAN uses 0.5-1).
+LIMIT_PSI = 10.0
+
+
 @dataclass(frozen=True)
 class _SynthesisJob:
     loaded: LoadedGenerator
@@ -92,9 +114,22 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
         loaded = self._model(request.model)
         space = _space(loaded, request.space)
         self._check_batch(request.count, loaded, "count")
-        if request.truncation_psi not in (0.0, 1.0) and not loaded.spec.supports_truncation:
-            raise InvalidArgument(f"{loaded.entry.name} does not support truncation; leave truncation_psi at 0 or 1")
-        latents = Latents(space, loaded.sample(space, request.count, request.seed))
+        psi = float(request.truncation_psi)
+        if psi not in (0.0, 1.0):
+            if not np.isfinite(psi) or not -LIMIT_PSI <= psi <= LIMIT_PSI:
+                raise InvalidArgument(f"truncation_psi {psi} must be finite and within [-{LIMIT_PSI}, {LIMIT_PSI}]")
+            if not loaded.spec.supports_truncation:
+                why = ("its checkpoint has no w_avg (the mean of W truncation pulls towards)"
+                       if len(loaded.spec.latent_spaces) > 1 else "it has no mapping network")
+                raise InvalidArgument(f"{loaded.entry.name} does not support truncation: {why}; leave truncation_psi at "
+                                      "0 or 1")
+            if space.space not in ("w", "w+"):
+                raise InvalidArgument(f"truncation_psi acts in W or W+; {loaded.entry.name} was asked for "
+                                      f"{types_pb2.LatentSpace.Name(wire.space_code(space.space))} latents: sample "
+                                      "LATENT_SPACE_W or LATENT_SPACE_W_PLUS")
+        else:
+            psi = 1.0
+        latents = Latents(space, loaded.sample(space, request.count, request.seed, psi))
         return generator_pb2.SampleResponse(model=self._ref(loaded), latents=wire.latents_to_proto(latents))
 
     def Synthesize(self, request, context):
@@ -164,6 +199,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServiceServicer):
             raise InvalidArgument("input: set either latents or features")
         if which == "latents":
             space = _space(loaded, request.latents.space)
+            _check_latent_shape(loaded, space, request.latents.values)
             values = wire.from_tensor(request.latents.values, field="latents.values", dtypes=wire.FLOAT_DTYPES,
                                       shape=[None, *space.shape])
             wire.check_latent_range(values, "latents.values")  # finite but far beyond the prior overflows inside
