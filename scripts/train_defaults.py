@@ -181,12 +181,14 @@ def main() -> None:
     if args.cache and Path(args.cache).exists():
         data = np.load(args.cache, allow_pickle=True)  # our own cache file (older ones hold the sentences)
         latents, outputs = data["z"], unflatten(data)
+        if "seconds" in data.files:
+            seconds["score samples (when cached)"] = float(data["seconds"])
         log(f"read {len(latents)} scored samples from {args.cache}")
     else:
         log(f"drawing and scoring {args.samples} samples with {', '.join(HEADS)}")
         latents, outputs = draw_and_score(world, generator, args.samples, RECIPE["samples_seed"])
         if args.cache:
-            np.savez(args.cache, z=latents, **flatten(outputs))
+            np.savez(args.cache, z=latents, seconds=np.float64(time.perf_counter() - t), **flatten(outputs))
     seconds["score samples"] = time.perf_counter() - t
     log(f"checking set: {CHECK_COUNT} samples, seed {CHECK_SEED}")
     t = time.perf_counter()
@@ -338,6 +340,17 @@ def write_results(record: dict, arguments: str) -> None:
             *[f"| {r['condition']} | {r['condition_dim']} | {r['format1_error']:.3f} | {r['format1_field_cosine']:.2f} | "
               f"{r['format1_seconds']:.0f} | {r['format2_error']:.3f} | {r['format2_field_cosine']:.2f} | {r['format2_seconds']:.0f} |"
               for r in record["comparison"]],
+        ]
+        lines += [
+            "",
+            "Reading: format 2 brings the held-out error from about 1 (format 1 barely beats predicting 0) to near 0.25, the "
+            "(1 - a)^2 floor of the fixed share a = 0.5 of z, for all three conditions, at the same budget (the seconds vary with the "
+            "load of the shared machine). The field cosine is about "
+            "the same for both: format 1's F is close to E[z|c] (its z-gain is ~0.01, bench/sgf_fit.py), so its SGF step is "
+            "J_c dc, the regression direction itself; format 2's step is (I - J_z)^-1 J_c dc truncated at m = 1 and stays close "
+            "to it for attributes. For keypoints and caption the linear regression direction is a weak reference (10 and 384 "
+            "standardised conditions fitted on ~1080 pairs). So the fix makes F what the paper asks for (F(z, C(G(z))) ~ z with "
+            "Lip_z(F) < 1) and keeps the direction SGF steps in; \"SGF trajectory quality (issue 13)\" compares the edits.",
         ]
     write_section("Shipped trained defaults", f"python scripts/train_defaults.py {arguments}".strip(), "\n".join(lines))
 
