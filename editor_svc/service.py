@@ -11,6 +11,7 @@ import contextvars
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -138,6 +139,7 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
         self.services = services
         # Invert needs gradients through the generator, which no RPC carries: it runs here.
         self._local = LocalWorld(repo, config.default_generator)
+        self._lookups = ThreadPoolExecutor(8, thread_name_prefix="edit-lookup")  # short metadata calls of Edit
         self.inversions = InversionStats()
 
     def _world(self, context: grpc.ServicerContext, what: str) -> RemoteWorld:
@@ -166,9 +168,10 @@ class EditorServicer(editor_pb2_grpc.EditorServiceServicer):
         if request.image_encoding not in types_pb2.ImageEncoding.values():
             raise InvalidArgument(f"image_encoding {request.image_encoding} is unknown")
         world = self._world(context, "the edit")
+        # The scorer's heads are asked for while the generator is resolved (two calls at once, not in turn).
+        heads = self._lookups.submit(contextvars.copy_context().run, require_heads, world, request.score_heads)
         generator = world.generator(request.generator.name, request.generator.version)
-        frames = FrameRequest(tuple(require_heads(world, request.score_heads)), images=not request.omit_images,
-                              chunk_rows=self.config.chunk_rows)
+        frames = FrameRequest(tuple(heads.result()), images=not request.omit_images, chunk_rows=self.config.chunk_rows)
         artifact = method.prepare(self.repo, generator, options)
         start = self._start(request, world, generator, artifact.space)
         edit = method.edit(world, generator, artifact, start, options, frames)

@@ -193,9 +193,12 @@ def test_cancelling_an_edit_stops_generator_and_scorer_work_within_one_chunk(sui
     call.cancel()
     for host in (editor_host, suite.hosts[0], suite.hosts[1]):
         assert host.calls.wait_idle(WAIT_S), "a service still had calls in its handlers after the edit was cancelled"
-    sent = _stream_sent() - sent_before
-    synthesized = suite.generator_rows() - generator_before
-    scored = suite.scorer.batcher_stats().rows - scorer_before
+    # The batchers run in order: a call that was on its way when the handlers went idle is
+    # counted once this 2-row edit is done.
+    list(suite.editors[CHUNK_ROWS].Edit(_request(count=1, frames=2), timeout=WAIT_S))
+    sent = _stream_sent() - sent_before - 2
+    synthesized = suite.generator_rows() - generator_before - 2
+    scored = suite.scorer.batcher_stats().rows - scorer_before - 2
     assert sent < frames, "the edit was not cancelled mid-trajectory"
     # Once the editor stopped taking frames, at most two chunks were in flight: one at the
     # generator, one at the scorer (the first frame is a chunk of its own).

@@ -327,10 +327,12 @@ class _Pipeline:
                 first = False
                 yield chunk, images, scores
         finally:
-            # The consumer has gone (or an error): nothing new starts; queued chunks are dropped.
+            # The consumer has gone (or an error): nothing new starts, queued chunks are dropped, and
+            # the calls in flight end (a RemoteWorld whose caller went cancels them) before this
+            # returns, so no call of this edit reaches a service once its handler is done.
             self.stopped.set()
-            generator_thread.shutdown(wait=False, cancel_futures=True)
-            scorer_thread.shutdown(wait=False, cancel_futures=True)
+            generator_thread.shutdown(wait=True, cancel_futures=True)
+            scorer_thread.shutdown(wait=True, cancel_futures=True)
 
     def frames(self, path: Iterable[tuple[Latents, dict[str, float]]], length: int) -> Generator[Frame, None, None]:
         for chunk, images, scores in self.rendered(self._chunks(path)):
