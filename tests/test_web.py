@@ -301,7 +301,9 @@ def test_a_caption_streams_an_sgf_edit(yaw_page, caption_mapping):
     assert "error" not in result, result.get("error")
     assert result["job"] is None or result["job"].state == trainer_pb2.JOB_STATE_SUCCEEDED, result["job"].error
     page.select_option("#generator", "dcgan-faces")
-    page.dispatch_event("#generator", "change")  # lists the new mapping
+    page.dispatch_event("#generator", "change")  # the catalog again: lists a mapping trained meanwhile
+    page.locator("body[data-catalog=loaded]").wait_for()
+    page.wait_for_function("window.latentedit.metrics.edits.at(-1).total_ms")  # the new catalog's preview of the seed
     page.locator(f"#sgf-mapping option[value='{mapping}']").wait_for(state="attached")
     page.select_option("#sgf-mapping", mapping)
     page.fill("#sgf-caption", "a smiling young woman facing left")

@@ -327,6 +327,11 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             raise bad_request("Content-Length is not a number") from None
+        if self.headers.get_content_type() != "application/json":
+            # A cross-site form or text/plain POST cannot set this type without a CORS preflight,
+            # which the gateway never grants.
+            self.close_connection = True
+            raise GatewayError("INVALID_ARGUMENT", "POST bodies must be JSON (Content-Type: application/json)", 415)
         limit = self.server.config.web.max_body_bytes
         if length > limit:
             self.close_connection = True

@@ -131,6 +131,7 @@ async function start() {
 
 async function loadCatalog() {
   setStatus("loading…");
+  document.body.dataset.catalog = "loading";
   const generator = $("generator").value || "";
   let catalog;
   try {
@@ -155,7 +156,7 @@ async function loadCatalog() {
   renderSliders();
   renderConditions();
   renderSGF();
-  renderTrainFields();
+  if (!$("train-fields").children.length) renderTrainFields();  // keep what the user typed
   if ($("token-box").hidden === false && sessionStorage.getItem(TOKEN_KEY)) $("token-state").textContent = "token accepted";
   setStatus(state.edits.length + " trained artifact(s)");
   if (!state.frames.length) await preview();
