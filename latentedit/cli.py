@@ -308,11 +308,13 @@ def cmd_train_generic(args: argparse.Namespace) -> int:
     return _run_job(args, request, f"training {args.kind} {args.name or '(auto name)'}")
 
 
-def _run_job(args: argparse.Namespace, request, what: str) -> int:
-    """Start a job on the trainer and follow it to the end."""
+def _run_job(args: argparse.Namespace, request, what: str, preface: str = "") -> int:
+    """Start a job on the trainer (`preface` printed once the trainer is known to be up) and follow it to the end."""
     from latentedit.api.v1 import trainer_pb2_grpc
 
     stub = trainer_pb2_grpc.TrainerServiceStub(_service(args, "trainer"))
+    if preface:
+        print(preface, flush=True)
     return _watch(stub, stub.StartJob(request, timeout=120), what)
 
 
@@ -358,9 +360,9 @@ def cmd_train_mapping(args: argparse.Namespace) -> int:
         attributes=[_attribute_ref(a) for a in args.attribute], keypoints_head=args.keypoints_head,
         num_pairs=args.pairs, depth=args.depth, hidden_dim=args.hidden,
         options=trainer_pb2.TrainingOptions(seed=args.seed, steps=args.steps, artifact_name=args.name))
-    print(mapping_estimate_line(args.condition, args.pairs, args.steps, args.hidden, args.depth), flush=True)
     return _run_job(args, trainer_pb2.StartJobRequest(idempotency_key=args.key, mapping=spec),
-                    f"training SGF mapping {args.name or '(auto name)'} on {args.condition}")
+                    f"training SGF mapping {args.name or '(auto name)'} on {args.condition}",
+                    preface=mapping_estimate_line(args.condition, args.pairs, args.steps, args.hidden, args.depth))
 
 
 def _duration(seconds: float) -> str:

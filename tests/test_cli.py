@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from latentedit.cli import main
+from latentedit.cli import build_parser, main
 from tests.conftest import ROOT, free_port
 
 
@@ -67,6 +67,7 @@ def _config_without_services(tmp_path) -> tuple[Path, dict[str, int]]:
 ])
 def test_no_service_fails_within_seconds_naming_the_address_and_how_to_start_it(tmp_path, capsys, service, command):
     config, ports = _config_without_services(tmp_path)
+    build_parser()  # imports done first: timed is the command, not this process's first torch import
     started = time.monotonic()
     # --wait is the bound for a service that is starting up; nothing listening must not use it.
     code = main(["--config", str(config), *command, "--wait", "120", *(["--out", str(tmp_path / "out")]
