@@ -92,7 +92,7 @@ def _add_service_args(parser: argparse.ArgumentParser, name: str, wait_s: float 
     parser.add_argument("--target", default="", help=f"{name} address (default: from the config)")
     parser.add_argument("--wait", type=SECONDS, default=wait_s,
                         help=f"seconds to wait while the {name} is starting up (not SERVING yet); "
-                             "nothing listening at the address fails at once")
+                             "nothing listening there fails within seconds")
 
 
 def _add_job_args(parser: argparse.ArgumentParser) -> None:
