@@ -177,6 +177,20 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from latentedit.models.checkpoints import CheckpointError, import_checkpoint
+    from latentedit.repository import ModelRepository
+
+    if not args.path.is_file():
+        raise SystemExit(f"error: {args.path}: no such file (give a rosinality .pt or an NVIDIA .pkl StyleGAN2 checkpoint)")
+    try:
+        entry = import_checkpoint(ModelRepository(_config(args).repository), args.path, args.name, log=print)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {args.path}: {exc.message}") from None
+    print(f"imported {entry.name} v{entry.version}; use it as --model {entry.name} (ModelRef name {entry.name!r})")
+    return 0
+
+
 def cmd_wait(args: argparse.Namespace) -> int:
     from latentedit.rpc.client import wait_serving
 
@@ -609,11 +623,16 @@ def _add_serve(sub) -> None:
 
 
 def _add_models(sub) -> None:
-    """latentedit models install | list"""
+    """latentedit models install | list | import PATH --name NAME"""
     models = sub.add_parser("models", help="manage the model repository")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     models_sub.add_parser("install", help="install the embedded default models").set_defaults(func=cmd_models_install)
     models_sub.add_parser("list", help="list the repository").set_defaults(func=cmd_models_list)
+    imported = models_sub.add_parser("import", help="convert a StyleGAN2 checkpoint (rosinality .pt or NVIDIA .pkl) "
+                                     "into a generator in the repository (safetensors; no pickled code is run)")
+    imported.add_argument("path", type=Path, help="the checkpoint file")
+    imported.add_argument("--name", required=True, help="the generator's name in the repository")
+    imported.set_defaults(func=cmd_models_import)
 
 
 def _add_certs(sub) -> None:

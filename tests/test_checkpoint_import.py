@@ -384,3 +384,36 @@ def test_a_checkpoint_without_w_avg_has_no_truncation(fresh_repo, tmp_path):
     with pytest.raises(InvalidArgument, match="w_avg"):
         model.sample(model.spec.space("w"), 2, 0, truncation_psi=0.5)
     assert np.isfinite(model.sample(model.spec.space("w"), 2, 0)).all()
+
+
+def test_cli_models_import_converts_a_checkpoint_and_reports_bad_files(fresh_repo, tmp_path, capsys):
+    """`latentedit models import PATH --name NAME`: the entry appears in the repository; a missing
+    file, a malicious pickle and a name that is a path each end in one line and exit 1."""
+    from latentedit.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"repository: {fresh_repo.root}\nsecurity:\n  insecure: true\n")
+    sd, latent_avg = rosinality_state(3)
+    path = tmp_path / "mine.pt"
+    torch.save({"g_ema": sd, "latent_avg": latent_avg}, path)
+    assert main(["--config", str(config), "models", "import", str(path), "--name", "my-faces"]) == 0
+    assert "imported my-faces v1" in capsys.readouterr().out
+    assert fresh_repo.resolve("my-faces").manifest["provenance"]["format"] == "rosinality-pt"
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"G_ema": Exploit()}))
+    for argv, expected in (
+        ([str(tmp_path / "absent.pt"), "--name", "x"], "no such file"),
+        ([str(evil), "--name", "evil"], "evil.pkl"),
+        ([str(path), "--name", "../outside"], "name"),
+    ):
+        assert main(["--config", str(config), "models", "import", *argv]) == 1, argv
+        captured = capsys.readouterr()
+        assert "pwned" not in captured.out
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (argv, captured.err)
+    assert fresh_repo.versions("my-faces") == [1]
