@@ -346,6 +346,28 @@ def test_bad_input_shows_the_service_message_and_the_page_goes_on(yaw_page, chro
     assert not viewer_errors
 
 
+def test_holding_yaw_fixed_keeps_the_edit_off_the_yaw_normal(yaw_page):
+    """Conditional editing from the page: with the trained yaw boundary ticked under "hold fixed", a
+    smile edit moves along the smile normal with yaw's projected out, so every frame keeps its
+    distance to the yaw boundary (the editor reports it per frame)."""
+    context, page, errors = yaw_page
+    if not page.locator("input[data-artifact=default-smile]").count():
+        pytest.skip("needs the shipped default-smile boundary (latentedit models install)")
+    page.fill("#frames", "6")
+    page.check("#conditions input[value=yaw]")
+    before = len(page.evaluate("window.latentedit.metrics.edits"))
+    _move(page, "input[data-artifact=default-smile]", 3.0)
+    _wait_for_edit(page, before)
+    assert page.is_hidden("#error"), page.inner_text("#error-text")
+    metrics = page.evaluate("window.latentedit.state.frames.map(f => f.metrics)")
+    assert len(metrics) == 6 and all("condition_distance/yaw" in m for m in metrics), metrics
+    held = [m["condition_distance/yaw"] for m in metrics]
+    moved = [m["distance"] for m in metrics]
+    assert max(held) - min(held) < 0.01 * (max(moved) - min(moved)), (held, moved)
+    page.uncheck("#conditions input[value=yaw]")
+    assert not errors
+
+
 def test_a_job_started_from_the_page_can_be_cancelled(yaw_page):
     context, page, errors = yaw_page
     page.select_option("#train-kind", "boundary")
