@@ -446,6 +446,8 @@ def main() -> None:
     parser.add_argument("--edits-per-client", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: latency, breakdown, concurrency, sgf, job")
     parser.add_argument("--job-samples", type=int, default=2048)
+    parser.add_argument("--generator-backend", default="auto",
+                        help="the generator service's backend (auto: ONNX Runtime on CPU; torch: the in-process loop's)")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -453,15 +455,15 @@ def main() -> None:
     base = load_config(ROOT / "config" / "local.yaml")
     repo = bench_repository(Path(base.repository))
     metric_ports = {name: free_port() for name in ("generator", "scorer", "editor")}
-    sections = {"generator": {"threads": args.threads}, "scorer": {"threads": args.threads},
+    sections = {"generator": {"threads": args.threads, "backend": args.generator_backend}, "scorer": {"threads": args.threads},
                 "observability": {"metrics_ports": metric_ports}}
     from latentedit.methods.base import DEFAULT_CHUNK_ROWS
 
     settings = (f"Settings: {SEEDS} seeds x {FRAMES} frames, InterFaceGAN along a yaw boundary (fitted on 600 samples), "
                 f"d -3..3, scored with {', '.join(HEADS)}, raw images; {args.threads} torch / ONNX Runtime threads in this "
                 f"process and in each service (config generator.threads, scorer.threads); services as separate processes "
-                f"(`latentedit serve`, generator backend auto = ONNX Runtime on CPU; the in-process loop runs the torch "
-                f"generator), plaintext loopback; editor chunk_rows {DEFAULT_CHUNK_ROWS} (pipelined) and 0 (sequential).")
+                f"(`latentedit serve`, generator backend {args.generator_backend}{' = ONNX Runtime on CPU' if args.generator_backend == 'auto' else ''}; "
+                f"the in-process loop runs the torch generator), plaintext loopback; editor chunk_rows {DEFAULT_CHUNK_ROWS} (pipelined) and 0 (sequential).")
     sections_out = []
     print(settings, flush=True)
     print("before:", load(), flush=True)
@@ -520,7 +522,8 @@ def main() -> None:
             sections_out.append(f"### Boundary job vs the slowest head's ceiling (goal >= 0.8x)\n\n{text}\n\nLoad after: {load()}.")
     body = settings + "\n\n" + "\n\n".join(sections_out)
     if not args.no_record:
-        record("Editor latency (issue 16)", " ".join(["python bench/editor_latency.py", *sys.argv[1:]]), body)
+        title = "Editor latency (issue 16)" + ("" if args.generator_backend == "auto" else f", generator backend {args.generator_backend}")
+        record(title, " ".join(["python bench/editor_latency.py", *sys.argv[1:]]), body)
         print("recorded in bench/RESULTS.md")
     shutil.rmtree(repo.root.parent, ignore_errors=True)
 
