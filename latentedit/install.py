@@ -222,7 +222,7 @@ DEFAULT_HEADS: dict[str, dict[str, Any]] = {
     "identity": {
         "implementation": "dlib-identity", "head_kind": "identity", "models": {"descriptor": "dlib-face-descriptor"},
         "requires": {"landmarks": "keypoints68"}, "input_size": 160,
-        "description": "dlib ResNet 128-d face descriptor; Euclidean distance measures identity change",
+        "description": "dlib's ResNet 128-d face descriptor ported to torch (batched, differentiable); Euclidean distance measures identity change",
         "outputs": [{"name": "embedding", "shape": [128], "min": -1, "max": 1}],
     },
     "caption": {
