@@ -162,11 +162,17 @@ def main() -> None:
 
 def latency(editor, boundary_name: str, base) -> str:
     """First frame and total time through the editor vs the same loop in this process."""
+    import torch
+
     from latentedit.methods.base import FrameRequest
     from latentedit.methods.interfacegan import InterFaceGAN
     from latentedit.world import LocalWorld
 
-    # In-process: the same method's edit on a LocalWorld (torch generator and scorer in this process).
+    # In-process: the same method's edit on a LocalWorld (torch generator and scorer in this process), as the
+    # naive per-frame loop (chunk_rows 0), with the torch threads the services get (config generator.threads,
+    # 0: torch's default, as in the served processes). bench/editor_latency.py measures the pipelined editor too.
+    if base.generator.threads:
+        torch.set_num_threads(base.generator.threads)
     world = LocalWorld(ModelRepository(base.repository), base.generator.default_model)
     method = InterFaceGAN()
     generator = world.generator()
@@ -177,7 +183,7 @@ def latency(editor, boundary_name: str, base) -> str:
         start = time.perf_counter()
         first = None
         for frame in method.edit(world, generator, artifact, world.sample(generator, 4, 5, artifact.space), options,
-                                 FrameRequest(("pose",))):
+                                 FrameRequest(("pose",), chunk_rows=0)):
             wire.encode_images(frame.images, types_pb2.IMAGE_ENCODING_RAW_UINT8)
             first = first or time.perf_counter() - start
         return first, time.perf_counter() - start
