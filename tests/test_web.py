@@ -322,6 +322,38 @@ def test_a_caption_streams_an_sgf_edit(yaw_page, caption_mapping):
     assert not errors
 
 
+def test_dragged_keypoints_are_the_sgf_target(yaw_page):
+    """A keypoint mapping's targets: the frame's own points drawn on the image, one dragged 40 px to
+    the right; the SGF edit starts that far from its target (undragged points would be 0 away)."""
+    context, page, errors = yaw_page
+    if not page.locator("#sgf-mapping option[value=default-sgf-keypoints]").count():
+        pytest.skip("needs the shipped default-sgf-keypoints mapping (latentedit models install)")
+    page.select_option("#sgf-mapping", "default-sgf-keypoints")
+    targets = page.locator("#overlay circle:not(.source)")
+    targets.first.wait_for()
+    assert targets.count() == 5  # keypoints5
+    before_drag = page.evaluate("window.latentedit.state.keypoints.target.map(p => p.slice())")
+    page.locator("#viewer").scroll_into_view_if_needed()  # the SGF panel's controls may have scrolled it away
+    box = targets.first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x + 40, y, steps=5)
+    page.mouse.up()
+    after_drag = page.evaluate("window.latentedit.state.keypoints.target")
+    assert after_drag[0][0] == pytest.approx(before_drag[0][0] + 40 * 64 / 320, abs=0.5)  # 320 px on screen = 64 px image
+    assert after_drag[1:] == before_drag[1:]
+    page.fill("#sgf-steps", "4")
+    before = len(page.evaluate("window.latentedit.metrics.edits"))
+    page.click("#sgf-run")
+    _wait_for_edit(page, before)
+    assert page.is_hidden("#error"), page.inner_text("#error-text")
+    metrics = page.evaluate("window.latentedit.state.frames.map(f => f.metrics)")
+    assert metrics and metrics[0]["distance_to_target"] > 0.1, metrics
+    _shot(page, "sgf-keypoints")
+    assert not errors
+
+
 def test_bad_input_shows_the_service_message_and_the_page_goes_on(yaw_page, chromium, suite):
     context, page, errors = yaw_page
     page.fill("#frames", "999")

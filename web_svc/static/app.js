@@ -272,6 +272,8 @@ function renderScoreHeads() {
 function scoreHeads(extra) {
   const heads = new Set([...$("score-heads").querySelectorAll("input:checked")].map((i) => i.value));
   for (const h of extra || []) if (h) heads.add(h);
+  const mapping = selectedMapping();  // keypoint targets start from the frame's own points
+  if (mapping && mapping.condition === "CONDITION_KIND_KEYPOINTS") heads.add(keypointHead(mapping));
   return [...heads];
 }
 
@@ -463,18 +465,43 @@ function drawKeypoints(item) {
     c.setAttribute("cx", x * scale); c.setAttribute("cy", y * scale); c.setAttribute("r", 6);
     c.dataset.k = String(k);
     c.addEventListener("pointerdown", (e) => {
-      c.setPointerCapture(e.pointerId);
+      e.preventDefault();
+      // Listened on the window, so the drag survives the circles being redrawn by a frame.
       const move = (m) => {
         const box = svg.getBoundingClientRect();
         const px = Math.min(Math.max(m.clientX - box.left, 0), 320), py = Math.min(Math.max(m.clientY - box.top, 0), 320);
-        c.setAttribute("cx", px); c.setAttribute("cy", py);
+        if (!state.keypoints) return;
         state.keypoints.target[k] = [px / scale, py / scale];
+        const circle = svg.querySelector(`circle[data-k="${k}"]`);
+        if (circle) { circle.setAttribute("cx", px); circle.setAttribute("cy", py); }
       };
-      c.addEventListener("pointermove", move);
-      c.addEventListener("pointerup", () => c.removeEventListener("pointermove", move), { once: true });
+      const up = (u) => {
+        move(u);  // where the pointer is let go counts too (moves can be coalesced into fewer events)
+        window.removeEventListener("pointermove", move);
+        window.removeEventListener("pointerup", up);
+      };
+      window.addEventListener("pointermove", move);
+      window.addEventListener("pointerup", up);
     });
     svg.append(c);
   });
+}
+
+// The shown frame's keypoints as draggable targets; a frame scored without the keypoint head is
+// scored again by a one-frame, zero-length edit from its latents.
+async function pointsFromCurrentFrame() {
+  state.keypoints = null;
+  const mapping = selectedMapping();
+  const item = state.frames[state.shown];
+  if (!mapping || mapping.condition !== "CONDITION_KIND_KEYPOINTS") return;
+  if (item && item.points[keypointHead(mapping)]) { drawKeypoints(item); return; }
+  const spec = sliderSpecs().find((s) => (s.method === "interfacegan" || s.method === "ganspace") && s.space === (mapping.space || "LATENT_SPACE_Z"));
+  if (!spec) { showError(new ApiError("FAILED_PRECONDITION", "edit once with " + keypointHead(mapping) + " ticked under 'score with' to get points to drag")); return; }
+  const request = baseRequest(spec.space, scoreHeads(spec.heads));
+  request.num_frames = 1;
+  if (spec.method === "interfacegan") request.interfacegan = { boundary: spec.artifact, start_distance: 0, end_distance: 0 };
+  else request.ganspace = { directions: spec.artifact, component: spec.index, start_distance: 0, end_distance: 0 };
+  await runEdit(request, "keypoints of the current frame");
 }
 
 const keypointHead = (mapping) => ((mapping.attributes || [])[0] || {}).head || "keypoints5";
@@ -786,9 +813,9 @@ function bindControls() {
   $("generator").addEventListener("change", async () => { state.current = null; state.applied = {}; resetStrip(); await loadCatalog(); });
   $("seed").addEventListener("change", reset);
   $("reset").addEventListener("click", reset);
-  $("sgf-mapping").addEventListener("change", renderSGFTarget);
+  $("sgf-mapping").addEventListener("change", () => { renderSGFTarget(); pointsFromCurrentFrame(); });
   $("sgf-run").addEventListener("click", runSGF);
-  $("sgf-keypoints-reset").addEventListener("click", () => { state.keypoints = null; drawKeypoints(state.frames[state.shown]); });
+  $("sgf-keypoints-reset").addEventListener("click", pointsFromCurrentFrame);
   $("invert-run").addEventListener("click", runInvert);
   $("train-kind").addEventListener("change", renderTrainFields);
   $("train-start").addEventListener("click", startJob);
