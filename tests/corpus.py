@@ -82,6 +82,7 @@ SERVICES = {
 YAW, SMILE = "corpus-yaw", "corpus-smile"
 PCA = "corpus-pca"
 DIRECTIONS = "corpus-dplase"
+FLOW = "corpus-flow"
 MAPPINGS = {"attributes": "corpus-sgf-attr", "keypoints": "corpus-sgf-kp", "caption": "corpus-sgf-caption"}
 GENERATOR = "dcgan-faces"
 DIM = 100
@@ -244,7 +245,7 @@ def bases() -> dict[str, list[tuple[str, Message]]]:
                 points=tensor(np.full((5, 2), 32.0, np.float32))), max_steps=2))),
             ("sgf-caption", edit_request("sgf", sgf(mapping=MAPPINGS["caption"], caption=editor_pb2.CaptionTarget(
                 text="a smiling face"), max_steps=2))),
-            ("wstar", edit_request("wstar", editor_pb2.WStarEdit(flow="corpus-flow", attribute=attribute("pose", "yaw"),
+            ("wstar", edit_request("wstar", editor_pb2.WStarEdit(flow=FLOW, attribute=attribute("pose", "yaw"),
                                                                  end_distance=1))),
         ],
         "editor.Invert": [
@@ -339,11 +340,12 @@ NUMBER_FIELDS: dict[str, list[tuple[str, float, grpc.StatusCode]]] = {
     "latentedit.v1.CustomBoundaryJobSpec.validation_fraction": [("one", 1.0, INVALID), ("negative", -0.5, INVALID)],
     "latentedit.v1.CustomBoundaryJobSpec.svm_c": [("negative", -1.0, INVALID)],
     "latentedit.v1.CorrelationJobSpec.num_samples": [("negative", -1, INVALID), ("int64 max", I64_MAX, INVALID)],
-    "latentedit.v1.FlowJobSpec.num_samples": [("negative", -1, UNIMPLEMENTED)],
-    "latentedit.v1.FlowJobSpec.num_coupling_layers": [],
-    "latentedit.v1.FlowJobSpec.hidden_dim": [],
-    "latentedit.v1.FlowJobSpec.distance_weight": [],
-    "latentedit.v1.FlowJobSpec.identity_weight": [],
+    "latentedit.v1.FlowJobSpec.num_samples": [("negative", -1, INVALID), ("too few", 10, INVALID), ("10 M + 1", 10_000_001, INVALID),
+                                              ("int64 max", I64_MAX, INVALID)],
+    "latentedit.v1.FlowJobSpec.num_coupling_layers": [("negative", -1, INVALID), ("over the limit", 65, INVALID)],
+    "latentedit.v1.FlowJobSpec.hidden_dim": [("negative", -8, INVALID), ("huge", 10**6, INVALID)],
+    "latentedit.v1.FlowJobSpec.distance_weight": [("negative", -1.0, INVALID), ("1e30", 1e30, INVALID)],
+    "latentedit.v1.FlowJobSpec.identity_weight": [("negative", -1.0, INVALID)],
     "latentedit.v1.DirectionJobSpec.num_directions": [("negative", -1, INVALID), ("over the dimension", 101, INVALID)],
     "latentedit.v1.DirectionJobSpec.similarity_weight": [("negative", -1.0, INVALID)],
     "latentedit.v1.DirectionJobSpec.orthogonality_weight": [("negative", -1.0, INVALID)],
@@ -362,8 +364,8 @@ NUMBER_FIELDS: dict[str, list[tuple[str, float, grpc.StatusCode]]] = {
     "latentedit.v1.SeedStart.count": [("negative", -1, INVALID), ("over the limit", 257, EXHAUSTED), ("int32 max", I32_MAX, EXHAUSTED)],
     "latentedit.v1.InterFaceGANEdit.start_distance": [("1e30", 1e30, INVALID)],
     "latentedit.v1.InterFaceGANEdit.end_distance": [("-1e30", -1e30, INVALID)],
-    "latentedit.v1.WStarEdit.start_distance": [],
-    "latentedit.v1.WStarEdit.end_distance": [],
+    "latentedit.v1.WStarEdit.start_distance": [("1e30", 1e30, INVALID)],
+    "latentedit.v1.WStarEdit.end_distance": [("-1e30", -1e30, INVALID)],
     "latentedit.v1.DPLaSEEdit.direction_index": [("negative", -1, INVALID), ("out of range", 2, INVALID)],
     "latentedit.v1.DPLaSEEdit.start_stride": [("1e30", 1e30, INVALID)],
     "latentedit.v1.DPLaSEEdit.end_stride": [("-1e30", -1e30, INVALID)],
@@ -381,10 +383,8 @@ NUMBER_FIELDS: dict[str, list[tuple[str, float, grpc.StatusCode]]] = {
     "latentedit.v1.InvertRequest.seed": [("uint64 max", U64_MAX, OK)],
     "latentedit.v1.InvertRequest.report_every": [("negative", -3, INVALID)],
 }
-# Float fields of planned (UNIMPLEMENTED) messages: whatever they hold, the kind is not served.
-FLOAT_NONFINITE = {name: UNIMPLEMENTED for name in (
-    "latentedit.v1.FlowJobSpec.distance_weight", "latentedit.v1.FlowJobSpec.identity_weight",
-    "latentedit.v1.WStarEdit.start_distance", "latentedit.v1.WStarEdit.end_distance")}
+# Float fields whose NaN / Inf answer something other than INVALID_ARGUMENT (none today).
+FLOAT_NONFINITE: dict[str, grpc.StatusCode] = {}
 
 # Tensor fields by role.
 TENSOR_FIELDS = {
@@ -415,6 +415,7 @@ SKIP = {
     "latentedit.v1.EditRequest.omit_images": "bool",
     "latentedit.v1.InterFaceGANEdit.from_boundary": "bool",
     "latentedit.v1.DPLaSEEdit.density_preserving": "bool",
+    "latentedit.v1.WStarEdit.proxy_boundary": "bool",
     "latentedit.v1.DPLaSEEdit.subspace_refinement": "bool",
     "latentedit.v1.DirectionJobSpec.learn_density": "bool",
     "latentedit.v1.ImageBatch.png": "covered by the image corpus",
@@ -426,9 +427,6 @@ SKIP = {
 WORLD_BREAKERS = ("another kind's name", "named like a head")
 # Per-base overrides of an expected code: "rpc[variant]:where: label" -> code.
 OVERRIDES: dict[str, grpc.StatusCode] = {
-    # The key is checked before the spec, so the planned kind's UNIMPLEMENTED comes second.
-    "trainer.StartJob[flow]:idempotency_key: 1MiB": INVALID,
-    "trainer.StartJob[flow]:display_name: 1MiB": INVALID,
     # keypoints_head belongs to KEYPOINTS mappings: an ATTRIBUTES mapping ignores it.
     "trainer.StartJob[mapping]:mapping.keypoints_head: unknown": OK,
     "trainer.StartJob[mapping]:mapping.keypoints_head: 1MiB": OK,
@@ -567,8 +565,6 @@ def walk(rpc: str, variant: str, base: Message) -> Iterator[tuple[str, Message, 
             which = message.WhichOneof(oneof.name)
             expected = ONEOF_MISSING.get(oneof.full_name, INVALID)
             if which is not None and expected is not None:
-                if oneof.full_name not in ("latentedit.v1.StartJobRequest.spec", "latentedit.v1.EditRequest.method"):
-                    expected = _planned(rpc, variant, expected)  # without its spec the request is no longer a planned kind
                 yield f"{_where(path + (oneof.name,))}: missing oneof", _set(base, path, lambda m, w=which: m.ClearField(w)), expected
         for fd in descriptor.fields:
             name, full = fd.name, fd.full_name
@@ -589,7 +585,7 @@ def walk(rpc: str, variant: str, base: Message) -> Iterator[tuple[str, Message, 
                     items = getattr(message, name)
                     if len(items):
                         yield from visit(items[0], path + (name, 0))
-                        yield f"{where}: empty list", _set(base, path, lambda m, n=name: m.ClearField(n)), _planned(rpc, variant, INVALID)
+                        yield f"{where}: empty list", _set(base, path, lambda m, n=name: m.ClearField(n)), INVALID
                     continue
                 if fd.message_type.full_name.startswith("google.protobuf") or not message.HasField(name):
                     continue
@@ -597,12 +593,12 @@ def walk(rpc: str, variant: str, base: Message) -> Iterator[tuple[str, Message, 
                 continue
             if fd.type == pb_descriptor.FieldDescriptor.TYPE_ENUM:
                 yield (f"{where}: unknown enum {UNKNOWN_ENUM}", _set(base, path, _assign(name, UNKNOWN_ENUM, repeated)),
-                       _planned(rpc, variant, INVALID))
+                       INVALID)
                 continue
             if fd.type == pb_descriptor.FieldDescriptor.TYPE_STRING:
                 role = STRING_FIELDS[full]  # KeyError: a new string field needs a rule
                 for label, value, code in STRING_ROLES[role]:
-                    yield f"{where}: {label}", _set(base, path, _assign(name, value, repeated)), _planned(rpc, variant, code)
+                    yield f"{where}: {label}", _set(base, path, _assign(name, value, repeated)), code
                 continue
             if fd.type == pb_descriptor.FieldDescriptor.TYPE_BOOL:
                 raise KeyError(f"{full}: a bool field needs a rule or a SKIP entry")
@@ -611,14 +607,9 @@ def walk(rpc: str, variant: str, base: Message) -> Iterator[tuple[str, Message, 
                 nonfinite = FLOAT_NONFINITE.get(full, INVALID)
                 rules += [("NaN", float("nan"), nonfinite), ("+Inf", float("inf"), nonfinite), ("-Inf", float("-inf"), nonfinite)]
             for label, value, code in rules:
-                yield f"{where}: {label}", _set(base, path, _assign(name, value, repeated)), _planned(rpc, variant, code)
+                yield f"{where}: {label}", _set(base, path, _assign(name, value, repeated)), code
 
     yield from visit(base, ())
-
-
-def _planned(rpc: str, variant: str, code: grpc.StatusCode) -> grpc.StatusCode:
-    """Planned slots (W* flows and edits) answer UNIMPLEMENTED whatever else the request holds."""
-    return UNIMPLEMENTED if variant in ("flow", "wstar") else code
 
 
 def _method(rpc: str) -> pb_descriptor.MethodDescriptor:
@@ -636,7 +627,7 @@ def build_corpus() -> list[Case]:
     for rpc, variants in all_bases.items():
         service, method = rpc.split(".")
         for variant, base in variants:
-            expected_base = UNIMPLEMENTED if variant in ("flow", "wstar") else OK
+            expected_base = OK
             prefix = f"{rpc}[{variant}]" if variant else rpc
             if rpc.startswith("trainer.") and rpc != "trainer.StartJob" and rpc != "trainer.ListJobs":
                 expected_base = NOT_FOUND  # the placeholder id names no job
@@ -1036,6 +1027,9 @@ def prepare_artifacts(suite: ProcessSuite) -> dict[str, str]:
         start(idempotency_key=DIRECTIONS, directions=trainer_pb2.DirectionJobSpec(
             layer="block2", num_directions=2, num_channel_subspaces=2, num_samples=2,
             options=options(DIRECTIONS, steps=3, batch_size=4))),
+        start(idempotency_key=FLOW, flow=trainer_pb2.FlowJobSpec(
+            attributes=[attribute("pose", "yaw")], num_samples=100, num_coupling_layers=2, hidden_dim=16,
+            options=options(FLOW, steps=5))),
         start(idempotency_key=MAPPINGS["attributes"], mapping=trainer_pb2.MappingJobSpec(
             condition=trainer_pb2.CONDITION_KIND_ATTRIBUTES, attributes=[attribute("pose", "yaw")], num_pairs=100, depth=2,
             hidden_dim=16, options=options(MAPPINGS["attributes"], steps=5, batch_size=100))),

@@ -101,15 +101,15 @@ def test_four_services_with_reflection_health_and_a_generated_grid(suite, tmp_pa
     assert grid.shape[0] >= 3 * 64 and grid.shape[1] >= 3 * 64
     assert grid.std() > 20  # faces, not a blank canvas
 
-    # Edit methods of later issues answer UNIMPLEMENTED, and the process keeps running.
+    # A bad edit (a W* edit naming no attribute) is refused precisely, and the process keeps running.
     from latentedit.api.v1 import editor_pb2_grpc
 
     with pytest.raises(grpc.RpcError) as info:
         list(editor_pb2_grpc.EditorServiceStub(connect(f"localhost:{ports['editor']}")).Edit(
             editor_pb2.EditRequest(seed=editor_pb2.SeedStart(count=1), wstar=editor_pb2.WStarEdit(flow="f")), timeout=5
         ))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert info.value.details().startswith("W* edits") and "available: interfacegan" in info.value.details(), info.value.details()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("attribute: name the attribute to edit"), info.value.details()
     assert process.poll() is None
 
 

@@ -11,7 +11,6 @@ from latentedit import wire
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, generator_pb2, generator_pb2_grpc, types_pb2
 from latentedit.config import ServingOptions
 from latentedit.errors import FailedPrecondition
-from latentedit.methods.registry import METHODS, PLANNED
 from latentedit.rpc.client import connect, synthesize_request
 from latentedit.rpc.serving import ServiceHost, channel_options
 
@@ -64,32 +63,6 @@ def test_a_status_the_servicer_set_itself_is_kept_not_turned_into_internal(flaky
     with pytest.raises(grpc.RpcError) as info:
         flaky_stub.Synthesize(generator_pb2.SynthesizeRequest(), timeout=5)
     assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
-
-
-@pytest.fixture(scope="module")
-def editor_alone(installed_repo):
-    """The editor on its own: a planned method is refused before any call to the generator or scorer."""
-    from tests.conftest import start_services
-
-    _, hosts = start_services(installed_repo, names=("editor",))
-    channel = grpc.insecure_channel(f"localhost:{hosts['editor'].port}", options=channel_options())
-    yield editor_pb2_grpc.EditorServiceStub(channel)
-    channel.close()
-    hosts["editor"].stop(0)
-
-
-@pytest.mark.parametrize("planned", sorted(PLANNED))
-def test_planned_edit_methods_answer_unimplemented_naming_themselves_and_what_is_available(editor_alone, planned):
-    slot = {"wstar": editor_pb2.WStarEdit(flow="f"), "dplase": editor_pb2.DPLaSEEdit(directions="d")}[planned]
-    request = editor_pb2.EditRequest(seed=editor_pb2.SeedStart(count=1), **{planned: slot})
-    with pytest.raises(grpc.RpcError) as info:
-        list(editor_alone.Edit(request, timeout=10))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert info.value.details().startswith(PLANNED[planned]), info.value.details()  # names the method
-    assert info.value.details().endswith("available: " + ", ".join(METHODS)), info.value.details()
-    # Still serving: the editor answers the next call.
-    editable = {e.method for e in editor_alone.ListEdits(editor_pb2.ListEditsRequest(), timeout=10).edits}
-    assert editable <= set(METHODS)
 
 
 def test_reflection_serves_the_full_generator_api(generator_channel):

@@ -387,19 +387,6 @@ def test_bad_job_specs(trainer):
     _expect(trainer.GetJob, trainer_pb2.GetJobRequest(id="job-nope"), NOT_FOUND, "no job with id 'job-nope'")
 
 
-def test_planned_job_kinds_are_unimplemented_naming_the_available_ones(trainer):
-    """Job kinds with an API slot but no method yet (W* flow) are UNIMPLEMENTED, listing what runs today."""
-    from latentedit.methods import registry
-
-    available = [kind for method in registry.METHODS.values() for kind in method.jobs]
-    assert {"boundary", "custom_boundary", "correlation", "mapping"} <= set(available)
-    specs = {"flow": trainer_pb2.FlowJobSpec(), "directions": trainer_pb2.DirectionJobSpec()}
-    for kind in sorted(registry.PLANNED_JOBS):
-        request = trainer_pb2.StartJobRequest(**{kind: specs[kind]})
-        _expect(trainer.StartJob, request, grpc.StatusCode.UNIMPLEMENTED, f"{kind} jobs")
-        _expect(trainer.StartJob, request, grpc.StatusCode.UNIMPLEMENTED, f"available: {', '.join(available)}")
-
-
 def test_bad_edits(editor, yaw_boundary):
     INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
     base = dict(seed=editor_pb2.SeedStart(seed=0, count=1), num_frames=2)
