@@ -137,12 +137,12 @@ def cmd_certs_make(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from latentedit.rpc.launch import serve_all, serve_one
+    from latentedit.rpc.launch import ALL_NAMES, serve_all, serve_one
 
-    names = args.services or list(SERVICE_NAMES)
-    unknown = [n for n in names if n not in SERVICE_NAMES]
+    names = args.services or list(SERVICE_NAMES)  # serve_all adds the web gateway to the four
+    unknown = [n for n in names if n not in ALL_NAMES]
     if unknown:
-        raise SystemExit(f"error: unknown service(s) {unknown}; known: {', '.join(SERVICE_NAMES)}")
+        raise SystemExit(f"error: unknown service(s) {unknown}; known: {', '.join(ALL_NAMES)}")
     config = _config(args)
     # Settings that cannot work stop here in one line, before any service starts.
     from latentedit.rpc.security import ClientSecurity, resolve
@@ -618,7 +618,9 @@ def _sgf_request(args: argparse.Namespace):
 def _add_serve(sub) -> None:
     """latentedit serve [SERVICE ...]"""
     serve = sub.add_parser("serve", help="serve one service in this process, or several as child processes")
-    serve.add_argument("services", nargs="*", help=f"any of {', '.join(SERVICE_NAMES)} (default: all)")
+    from latentedit.rpc.launch import ALL_NAMES
+
+    serve.add_argument("services", nargs="*", help=f"any of {', '.join(ALL_NAMES)} (default: all, with the web gateway)")
     serve.set_defaults(func=cmd_serve)
 
 

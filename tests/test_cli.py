@@ -201,3 +201,13 @@ def test_commands_that_need_no_method_do_not_load_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.stdout.split() == ["1", "False", "False"], done.stdout + done.stderr
     assert f"nothing is listening at localhost:{ports['generator']}" in done.stderr
+
+
+def test_serve_knows_the_web_gateway_and_refuses_unknown_services(capsys):
+    """`serve web` is a service name like the four; an unknown one is refused before anything starts."""
+    assert main(["serve", "generator", "nope"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown service(s) ['nope']") and err.endswith("known: generator, scorer, trainer, editor, web"), err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "web" in capsys.readouterr().out
