@@ -9,4 +9,6 @@ echo "[checks] ruff (whole tree), mypy (the core library), buf breaking (against
 .venv/bin/buf breaking --against protos/released/v1.binpb
 # The set-up provides PostgreSQL, so its job-store tests must run here, never skip.
 export LATENTEDIT_REQUIRE_POSTGRES=${LATENTEDIT_REQUIRE_POSTGRES:-1}
+# Likewise Debian's chromium (scripts/setup_browser.sh): the web editor's browser tests must run.
+export LATENTEDIT_REQUIRE_BROWSER=${LATENTEDIT_REQUIRE_BROWSER:-1}
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
