@@ -24,7 +24,9 @@ from latentedit.repository import Entry, ModelRepository, file_sha256
 from latentedit.scoring.base import HEAD_KIND, MODEL_KIND, package_dir
 
 DEFAULT_GENERATOR = "dcgan-faces"
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "defaults"
+# The source tree's defaults/; an installed package (the container image) names its copy with
+# LATENTEDIT_SHIPPED_DEFAULTS (deploy/Dockerfile sets it).
+SHIPPED_DIR = Path(os.environ.get("LATENTEDIT_SHIPPED_DEFAULTS") or Path(__file__).resolve().parent.parent / "defaults")
 # Written by repo.write for every version; not part of what a shipped artifact is.
 _PER_VERSION_KEYS = ("name", "version", "created_at", "sha256")
 Log = Callable[[str], None]

@@ -734,8 +734,8 @@ def test_dockerfile_installs_from_the_lock_without_a_hard_coded_index() -> None:
     for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "TORCH_INDEX_URL"):
         assert f'ARG {name}=""' in text, name
     runs = [a for i, a in instructions if i == "RUN" and "pip install" in a]
-    assert any("-r /tmp/lock-without-torch.txt" in r and "--no-deps" in r and "grep -v '^torch==' requirements.lock" in r
-               for r in runs), runs
+    assert any("-r /tmp/lock-without-torch.txt" in r and "--no-deps" in r
+               and "grep -v -E '^(torch|playwright|greenlet)==' requirements.lock" in r for r in runs), runs
     torch_installs = [r for r in runs if "grep '^torch==' requirements.lock" in r]
     assert len(torch_installs) == 2, runs  # CPU and CUDA: torch's version is the lock's
     for r in torch_installs:
@@ -746,7 +746,7 @@ def test_dockerfile_installs_from_the_lock_without_a_hard_coded_index() -> None:
     assert "--no-deps" in [r for r in torch_installs if r not in cuda][0]
     assert re.search(r"^torch==\d", (ROOT / "requirements.lock").read_text(), flags=re.M)
     copied = {a.split()[0] for i, a in instructions if i == "COPY" and "--from=" not in a and "--chown" not in a}
-    assert {"requirements.lock", "latentedit", "generator_svc", "scorer_svc", "trainer_svc", "editor_svc"} <= copied
+    assert {"requirements.lock", "latentedit", "generator_svc", "scorer_svc", "trainer_svc", "editor_svc", "web_svc"} <= copied
     assert not copied & {".", ".venv", "model-repo", "out"}, copied
 
 
@@ -759,3 +759,19 @@ def test_docker_context_excludes_the_local_environment() -> None:
               if i == "COPY" and "--from=" not in a for a in [a.replace("--chown=root:root ", "")]}
     assert copied <= allowed | {"pyproject.toml", "README.md"}, copied - allowed
     assert not allowed & {".venv", "model-repo", "out"}
+
+
+def test_the_image_carries_the_shipped_defaults_and_the_web_page(tmp_path) -> None:
+    """An installed package has no source tree: the image copies defaults/ and names it in
+    LATENTEDIT_SHIPPED_DEFAULTS (which the installer honours), and the page ships as package data."""
+    instructions = dockerfile_instructions((ROOT / "deploy" / "Dockerfile").read_text())
+    (target,) = [a.split()[-1] for i, a in instructions if i == "COPY" and a.split()[-2] == "defaults"]
+    assert f"LATENTEDIT_SHIPPED_DEFAULTS={target}" in [a for i, a in instructions if i == "ENV"]
+    probe = "from latentedit import install; print(install.SHIPPED_DIR)"
+    env = {**os.environ, "LATENTEDIT_SHIPPED_DEFAULTS": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path)
+    import tomllib
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert package_data["web_svc"] == ["static/*"] and (ROOT / "web_svc" / "static" / "index.html").is_file()
