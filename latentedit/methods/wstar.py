@@ -369,7 +369,13 @@ class FlowArtifact:
     name: str = ""
 
     def index(self, ref, field: str = "attribute") -> int:
-        """The artifact's attribute an AttributeRef names (NOT_FOUND lists the trained ones)."""
+        """The artifact's attribute an AttributeRef names (NOT_FOUND lists the trained ones; a
+        malformed reference, as a negative index or an index on a scalar output, is INVALID_ARGUMENT)."""
+        if ref.index < 0:
+            raise InvalidArgument(f"{field}.index {ref.index} must be >= 0")
+        if ref.index and not ref.label and any(a.head == ref.head and a.output == ref.output and a.index is None
+                                               for a in self.attributes):
+            raise InvalidArgument(f"{field}.index {ref.index}: {ref.head}.{ref.output} is a scalar output; leave index unset")
         for k, attribute in enumerate(self.attributes):
             if attribute.head != ref.head or attribute.output != ref.output:
                 continue
