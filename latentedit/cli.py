@@ -267,6 +267,29 @@ def _params_epilog(descriptor, handled: tuple[str, ...] = ()) -> str:
     return f"--param fields of {descriptor.name}: " + ", ".join(names)
 
 
+def _walk_end(value: float | None, which: str) -> float:
+    from latentedit.methods.interfacegan import InterFaceGANOptions
+
+    if value is not None:
+        return value
+    return InterFaceGANOptions.start_distance if which == "start" else InterFaceGANOptions.end_distance
+
+
+def _walk_range(args: argparse.Namespace, message) -> None:
+    """--start / --end fill a method's start_* / end_* distance or stride fields (W*, GANSpace,
+    DP-LaSE, ...) unless --param set them; given to a method without such fields, they are refused
+    (not silently ignored)."""
+    given = {item.partition("=")[0] for item in args.param}
+    for which, value in (("start", args.start), ("end", args.end)):
+        fields = [f.name for f in message.DESCRIPTOR.fields
+                  if f.name.startswith(which + "_") and f.name.endswith(("_distance", "_stride"))]
+        if not fields and value is not None:
+            raise SystemExit(f"error: --{which} does not apply to --method {args.method} (it has no {which} distance or stride)")
+        for name in fields:
+            if name not in given:
+                setattr(message, name, _walk_end(value, which))
+
+
 def _params(items: list[str], message) -> None:
     """--param key=value (dotted keys for nested fields, e.g. rows.start=2) -> fields of `message`."""
     import json
@@ -474,12 +497,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
         if not args.boundary:
             raise SystemExit("error: --boundary is required with --method interfacegan")
         request.interfacegan.CopyFrom(editor_pb2.InterFaceGANEdit(
-            boundary=args.boundary, condition_boundaries=args.condition, start_distance=args.start, end_distance=args.end))
+            boundary=args.boundary, condition_boundaries=args.condition, start_distance=_walk_end(args.start, "start"),
+            end_distance=_walk_end(args.end, "end")))
     elif args.method == "sgf" and not args.param:
         request.sgf.CopyFrom(_sgf_request(args))
+        _walk_range(args, request.sgf)  # refuses --start / --end: SGF walks to a target
     else:
-        # Any method: its EditRequest message filled from --param name=value.
+        # Any method: its EditRequest message filled from --param name=value, and --start / --end.
         _params(args.param, getattr(request, args.method))
+        _walk_range(args, getattr(request, args.method))
     channel = _service(args, "editor")
     if args.method == "sgf" and args.keypoints_from_seed is not None:
         request.sgf.keypoints.points.CopyFrom(wire.to_tensor(_keypoints_of_seed(args, config)))
@@ -753,8 +779,10 @@ def _add_edit(sub) -> None:
                       help=f"SGF stop distance, in standardised condition units (default {sgf_defaults.tolerance})")
     edit.add_argument("--condition", action="append", default=[], help="boundary to hold fixed (repeatable)")
     distance = _number(float, -LIMITS.edit_distance, LIMITS.edit_distance)
-    edit.add_argument("--start", type=distance, default=ifg_defaults.start_distance)
-    edit.add_argument("--end", type=distance, default=ifg_defaults.end_distance)
+    edit.add_argument("--start", type=distance, default=None,
+                      help=f"where the walk starts: a method's start distance or stride (default {ifg_defaults.start_distance:g})")
+    edit.add_argument("--end", type=distance, default=None,
+                      help=f"where the walk ends: a method's end distance or stride (default {ifg_defaults.end_distance:g})")
     edit.add_argument("--frames", type=COUNT, default=ifg_defaults.num_frames)
     edit.add_argument("--seed", type=SEED, default=0)
     edit.add_argument("--count", type=COUNT, default=4, help="how many samples to edit")

@@ -211,3 +211,22 @@ def test_serve_knows_the_web_gateway_and_refuses_unknown_services(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     assert "web" in capsys.readouterr().out
+
+
+def test_start_and_end_reach_every_methods_walk_or_are_refused(capsys):
+    """--start / --end fill W*'s and DP-LaSE's own distance / stride fields (they were silently
+    ignored, leaving a W* edit at distance 0 all along); --param wins; SGF refuses them."""
+    import argparse
+
+    from latentedit.api.v1 import editor_pb2
+    from latentedit.cli import _walk_range
+
+    wstar = editor_pb2.WStarEdit()
+    _walk_range(argparse.Namespace(param=[], start=-2.0, end=1.5, method="wstar"), wstar)
+    assert (wstar.start_distance, wstar.end_distance) == (-2.0, 1.5)
+    dplase = editor_pb2.DPLaSEEdit()
+    _walk_range(argparse.Namespace(param=["end_stride=4"], start=None, end=2.0, method="dplase"), dplase)
+    assert (dplase.start_stride, dplase.end_stride) == (-3.0, 0.0)  # the default start; end left to --param
+    assert main(["edit", "--method", "sgf", "--mapping", "m", "--caption", "a smiling face", "--start", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--start does not apply to --method sgf" in err, err
