@@ -615,6 +615,32 @@ def cmd_eval_dplase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_wstar(args: argparse.Namespace) -> int:
+    from latentedit.methods.wstar import load_flow
+    from latentedit.models.face_descriptor import load_face_descriptor
+    from latentedit.perceptual import PerceptualDistance
+    from latentedit.repository import ModelRepository
+    from latentedit.world import LocalWorld
+    from latentedit.wstar_eval import scatter_png, table1, table1_markdown
+
+    config = _config(args)
+    repo = ModelRepository(config.repository)
+    world = LocalWorld(repo, config.generator.default_model)
+    generator = world.generator(args.model)
+    artifact = load_flow(repo, args.flow, generator)  # NOT_FOUND / FAILED_PRECONDITION before any sampling
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = load_face_descriptor(repo) if args.identity_seeds else None
+    table = table1(world, generator, artifact, PerceptualDistance.from_repository(repo), descriptor, args.samples,
+                   identity_seeds=args.identity_seeds, log=lambda m: print(m, flush=True))
+    text = table1_markdown(table, args.flow)
+    out.with_suffix(".md").write_text(text)
+    scatter_png(out.with_suffix(".png"), table.scatter)
+    print(text)
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.png')} (latent vs perceptual distance, Fig. 5)")
+    return 0
+
+
 def _sgf_request(args: argparse.Namespace):
     """SGF target from the command line: --set head.output=value, --keypoints-from-seed (its points
     are measured once the services are known to be up), or --caption."""
@@ -799,7 +825,7 @@ def _add_methods(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    """latentedit eval mds | dplase (in-process)"""
+    """latentedit eval mds | dplase | wstar (in-process)"""
     evaluate = sub.add_parser("eval", help="evaluate edit methods")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True)
     mds = eval_sub.add_parser("mds", help="Manipulation Disentanglement Score of every method (SGF paper 4.4.1)")
@@ -838,6 +864,20 @@ def _add_eval(sub) -> None:
     dplase.add_argument("--model", default="")
     dplase.add_argument("--out", default="out/dplase", help="path without suffix: writes .md (tables) and .json (cells)")
     dplase.set_defaults(func=cmd_eval_dplase)
+    wstar = eval_sub.add_parser(
+        "wstar", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="W* paper's Table 1 and Fig. 5 for a trained flow: original vs proxy space",
+        description="Measures a trained W* flow (latentedit train flow) on fresh samples, in-process: held-out linear "
+                    "accuracy per attribute, DCI (Lasso alpha 0.02), latent - perceptual distance gap, 2AFC with the "
+                    "perceptual distance as judge, and identity drift vs InterFaceGAN at equal target change. The "
+                    "training figures are bench/wstar.py's.")
+    wstar.add_argument("--flow", required=True, help="the flow artifact's name")
+    wstar.add_argument("--samples", type=_number(int, 100, 100_000), default=2000, help="fresh samples (80/20 splits)")
+    wstar.add_argument("--identity-seeds", type=_number(int, 0, 10_000), default=100,
+                       help="starts for the identity-drift comparison (0: skip it)")
+    wstar.add_argument("--model", default="")
+    wstar.add_argument("--out", default="out/wstar", help="path without suffix: writes .md (table) and .png (scatter)")
+    wstar.set_defaults(func=cmd_eval_wstar)
 
 
 # Each command adds its own subparser; only the command given is built (the edit, train and

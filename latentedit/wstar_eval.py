@@ -221,6 +221,25 @@ def table1(world: World, generator: GeneratorInfo, artifact: FlowArtifact, perce
     return Table1(rows, [a.name for a in artifact.attributes], per_attribute, scatter, identity, summary)
 
 
+TABLE1_COLUMNS = ("min_accuracy", "max_accuracy", "avg_accuracy", "D", "C", "I", "gap_mean", "gap_std", "2afc",
+                  "latent_perceptual_correlation")
+
+
+def table1_markdown(table: Table1, flow: str) -> str:
+    """Table 1 of one flow as markdown: the original and the proxy space, per-attribute accuracy, identity drift."""
+    lines = ["| space | " + " | ".join(TABLE1_COLUMNS) + " |", "|---|" + "---|" * len(TABLE1_COLUMNS)]
+    for space, row in table.rows.items():
+        name = "original" if space == "original" else f"proxy ({flow})"
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in TABLE1_COLUMNS) + " |")
+    lines += ["", "Held-out linear accuracy per attribute (original -> proxy): " + "; ".join(
+        f"{a} {o:.3f} -> {p:.3f}" for a, o, p in zip(table.attributes, table.per_attribute["original"],
+                                                      table.per_attribute["proxy"]))]
+    if table.identity:
+        lines.append(f"Identity drift, W* / InterFaceGAN at equal mean change of {table.attributes[0]}: "
+                     f"{table.identity_summary.get('mean_ratio', float('nan')):.2f} (below 1: W* keeps identity better)")
+    return "\n".join(lines) + "\n"
+
+
 def scatter_png(path: Path, scatter: dict[str, tuple[np.ndarray, np.ndarray]], size: int = 360) -> None:
     """Fig. 5: latent (y) against rescaled perceptual (x) distance, one panel per space, y = x dashed."""
     from PIL import Image, ImageDraw

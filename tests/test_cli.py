@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from latentedit.cli import build_parser, main
@@ -230,3 +231,37 @@ def test_start_and_end_reach_every_methods_walk_or_are_refused(capsys):
     assert main(["edit", "--method", "sgf", "--mapping", "m", "--caption", "a smiling face", "--start", "1"]) == 1
     err = capsys.readouterr().err
     assert "--start does not apply to --method sgf" in err, err
+
+
+def test_eval_wstar_measures_a_trained_flow_and_refuses_an_unknown_one(fresh_repo, tmp_path, capsys):
+    """`eval wstar --flow NAME`: Table 1 rows for both spaces and the Fig. 5 scatter from a flow in
+    the repository; an unknown flow is one NOT_FOUND line before any sampling."""
+    import torch
+
+    from latentedit.attributes import Attribute
+    from latentedit.methods.base import JobBasics, QuietProgress
+    from latentedit.methods.wstar import FlowOptions, FlowSpec, WStar
+    from latentedit.world import LocalWorld
+
+    torch.set_num_threads(1)
+    world = LocalWorld(fresh_repo)
+    generator = world.generator()
+    spec = FlowSpec(JobBasics(generator, "cli-flow", 0, 64), "z", (Attribute("pose", "yaw", None),), 128,
+                    FlowOptions(couplings=2, hidden=16, steps=10), fresh_repo)
+    WStar().train(world, spec, QuietProgress()).save(fresh_repo, {"test": "cli"})
+    config = tmp_path / "config.yaml"
+    config.write_text(f"repository: {fresh_repo.root}\nsecurity:\n  insecure: true\n")
+    base = ["--config", str(config), "eval", "wstar", "--samples", "120", "--identity-seeds", "0"]
+    assert main([*base, "--flow", "no-such-flow", "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no-such-flow" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.md").exists()
+    assert main([*base, "--flow", "cli-flow", "--out", str(tmp_path / "t1")]) == 0
+    table = (tmp_path / "t1.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith(("| original", "| proxy (cli-flow)"))]
+    assert len(rows) == 2, table
+    for row in rows:
+        values = [float(v) for v in row.strip("|").split("|")[1:]]
+        assert len(values) == 10 and all(np.isfinite(values)) and 0.5 <= values[2] <= 1.0, row  # avg accuracy
+    assert "pose.yaw" in table
+    assert (tmp_path / "t1.png").read_bytes().startswith(b"\x89PNG")
