@@ -160,6 +160,23 @@ def _need(state: dict[str, torch.Tensor], key: str, source: str) -> torch.Tensor
     return state[key]
 
 
+def _taker(state: dict[str, torch.Tensor], src: str):
+    """(our tensors, their key for each of ours, take(ours, theirs, reshape)): how a converter copies
+    a checkpoint's tensor under our name, remembering where it came from for mismatch messages."""
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+
+    def take(ours: str, theirs: str, reshape: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
+        tensor = _need(state, theirs, src)
+        origin[ours] = theirs
+        try:
+            out[ours] = reshape(tensor)
+        except (RuntimeError, IndexError) as exc:
+            raise CheckpointError(f"{src}: tensor {theirs} has shape {list(tensor.shape)}, which does not fit {ours}") from exc
+
+    return out, origin, take
+
+
 Converted = tuple[dict, dict[str, torch.Tensor], dict[str, str]]
 
 
@@ -180,16 +197,7 @@ def from_rosinality(state: dict[str, torch.Tensor], latent_avg: torch.Tensor | N
         channels.append(int(_need(state, f"convs.{2 * i}.conv.weight", src).shape[1]))
     config = {"resolution": resolution, "z_dim": int(z_dim), "w_dim": int(w_dim), "mapping_layers": n_mlp,
               "channels": channels, "has_w_avg": latent_avg is not None}
-    out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-
-    def take(ours: str, theirs: str, reshape: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
-        tensor = _need(state, theirs, src)
-        origin[ours] = theirs
-        try:
-            out[ours] = reshape(tensor)
-        except (RuntimeError, IndexError) as exc:
-            raise CheckpointError(f"{src}: tensor {theirs} has shape {list(tensor.shape)}, which does not fit {ours}") from exc
+    out, origin, take = _taker(state, src)
 
     for j in range(1, n_mlp + 1):
         take(f"mapping.layers.{j - 1}.weight", f"style.{j}.weight")
@@ -255,16 +263,7 @@ def from_nvidia(record: Any) -> Converted:
     config = {"resolution": resolutions[-1], "z_dim": z_dim, "w_dim": w_dim, "mapping_layers": n_fc, "channels": channels,
               "mapping_lr_mul": lr_mul, "has_w_avg": "mapping.w_avg" in state,
               "conv_clamp": None if clamp is None else float(clamp)}
-    out: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-
-    def take(ours: str, theirs: str, reshape: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> None:
-        tensor = _need(state, theirs, src)
-        origin[ours] = theirs
-        try:
-            out[ours] = reshape(tensor)
-        except (RuntimeError, IndexError) as exc:
-            raise CheckpointError(f"{src}: tensor {theirs} has shape {list(tensor.shape)}, which does not fit {ours}") from exc
+    out, origin, take = _taker(state, src)
 
     for i in range(n_fc):
         take(f"mapping.layers.{i}.weight", f"mapping.fc{i}.weight")
