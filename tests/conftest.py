@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Toy-sized torch work: extra threads only contend (10-30x slower beside a busy process).
+    Modules of such tests use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def plaintext_unless_configured():
     """Configs the tests build without a `security` section serve plaintext without tokens, in

@@ -30,12 +30,7 @@ CHANNELS = [12, 10, 8, 6]  # blocks 4, 8, 16, 32
 SQRT2 = math.sqrt(2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _kernel() -> torch.Tensor:

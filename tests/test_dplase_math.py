@@ -8,14 +8,7 @@ import torch
 
 from latentedit.methods import dplase
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The toy problems are tiny tensors: extra threads only contend (30x slower beside a busy process)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_variation_terms_match_the_definition_on_both_paths():

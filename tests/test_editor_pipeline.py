@@ -16,7 +16,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from latentedit import wire
 from latentedit.api.v1 import editor_pb2, editor_pb2_grpc, scorer_pb2_grpc
@@ -31,13 +30,7 @@ BOUNDARY = "pipeline-axis0"
 CHUNK_ROWS = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Toy-sized torch work beside busy processes is much slower with several threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # ---- in-process: path_frames against the plain loop ---------------------------------------------

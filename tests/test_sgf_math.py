@@ -11,14 +11,7 @@ from latentedit.errors import FailedPrecondition
 from latentedit.methods.sgf import AuxiliaryMapping, fixed_point, load_mapping, sgf_edit, surrogate_step, train_mapping
 from latentedit.repository import ModelRepository
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors beside other busy processes: one thread is 10-30x faster than several.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _linear_world():

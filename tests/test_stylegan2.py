@@ -22,12 +22,7 @@ TINY = dict(resolution=64, z_dim=24, w_dim=32, mapping_layers=2, max_channels=16
 Z, W, W_PLUS = (wire.space_code(s) for s in ("z", "w", "w+"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
