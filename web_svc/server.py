@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import mimetypes
-import signal
 import socket
 import ssl
 import threading
@@ -56,6 +55,7 @@ from latentedit.api.v1 import (
 from latentedit.config import Config
 from latentedit.rpc.client import connect
 from latentedit.rpc.security import ClientSecurity, is_insecure, resolve
+from latentedit.rpc.serving import StopsOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +484,7 @@ class WebServer(ThreadingHTTPServer):
             wrapped.close()
 
 
-class WebHost:
+class WebHost(StopsOnSignal):
     """The gateway process: listening once built; `wait` until SIGTERM, then stop."""
 
     def __init__(self, config: Config) -> None:
@@ -501,15 +501,6 @@ class WebHost:
         self._stop_requested = threading.Event()
         log.info("web editor at %s://localhost:%d/ (%s)", self.scheme, self.port,
                  "TLS, the user's token passed to the editor and trainer" if tls else "plaintext, no tokens")
-
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop_requested.set())
-
-    def wait(self) -> None:
-        while not self._stop_requested.wait(0.5):
-            pass
-        self.stop()
 
     def stop(self) -> None:
         started = time.monotonic()

@@ -175,7 +175,27 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         return wrapper
 
 
-class ServiceHost:
+class StopsOnSignal:
+    """SIGTERM / SIGINT request a stop; `wait()` blocks until then and stops gracefully. A subclass
+    sets `self._stop_requested = threading.Event()` and implements `stop()`."""
+
+    _stop_requested: threading.Event
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop_requested.set())
+
+    def wait(self) -> None:
+        """Block until a stop is requested, then shut down gracefully."""
+        while not self._stop_requested.wait(0.5):
+            pass
+        self.stop()
+
+
+class ServiceHost(StopsOnSignal):
     """Hosts one or more servicers on one port with health, reflection and shutdown.
 
     `security` None serves plaintext without tokens (tests and embedding that build a host by
@@ -252,16 +272,6 @@ class ServiceHost:
         for name in ["", *self.service_names]:
             self.health.set(name, status)
         self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop_requested.set())
-
-    def wait(self) -> None:
-        """Block until a stop is requested, then shut down gracefully."""
-        while not self._stop_requested.wait(0.5):
-            pass
-        self.stop()
 
     def _label(self) -> str:
         return ", ".join(name.rsplit(".", 1)[-1] for name in self.service_names) or "server"
