@@ -29,3 +29,4 @@ if ! installed default-sgf-attributes; then
 fi
 "${LE[@]}" edit --method sgf --mapping default-sgf-attributes --set pose.yaw=25 --seed 1 --count 4 --score pose --out out/edit-sgf-yaw
 echo "open out/faces.png, out/edit-yaw.png (.gif) and out/edit-sgf-yaw.png (.gif); service logs are in out/serve.log"
+echo "to edit in the browser: ${LE[*]} serve, then open http://localhost:8080/ (README: The web editor)"
