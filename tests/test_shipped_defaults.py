@@ -145,6 +145,8 @@ def _yaw(frame):
 def test_the_editor_edits_with_the_shipped_boundary_and_mapping_without_training(suite_in_process):
     channels = suite_in_process[2]
     editor, trainer = editor_pb2_grpc.EditorServiceStub(channels["editor"]), trainer_pb2_grpc.TrainerServiceStub(channels["trainer"])
+    # The repository (and its job store) is shared by the session's tests: compare before and after.
+    jobs_before = {job.id for job in trainer.ListJobs(trainer_pb2.ListJobsRequest(page_size=500), timeout=30).jobs}
     seed = editor_pb2.SeedStart(seed=1, count=4)
     frames = list(editor.Edit(editor_pb2.EditRequest(seed=seed, num_frames=2, score_heads=["pose"], omit_images=True,
                                                      interfacegan=editor_pb2.InterFaceGANEdit(boundary="default-yaw", start_distance=-3,
@@ -156,4 +158,5 @@ def test_the_editor_edits_with_the_shipped_boundary_and_mapping_without_training
         mapping="default-sgf-attributes", attributes=target, max_steps=12)), timeout=600))
     first, last = np.abs(_yaw(frames[0]) - 20.0), np.abs(_yaw(frames[-1]) - 20.0)
     assert last.mean() < 0.5 * first.mean(), (first, last)  # SGF closes most of the gap to the target
-    assert not trainer.ListJobs(trainer_pb2.ListJobsRequest(), timeout=30).jobs  # nothing was trained
+    jobs_after = {job.id for job in trainer.ListJobs(trainer_pb2.ListJobsRequest(page_size=500), timeout=30).jobs}
+    assert jobs_after == jobs_before  # nothing was trained for these edits
