@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -948,6 +949,14 @@ def main(argv: list[str] | None = None) -> int:
         # UNAVAILABLE mid-command: the service (or one it calls) went away; say how to bring them up.
         hint = f"; {_start_hint(args)}" if exc.code() == grpc.StatusCode.UNAVAILABLE else ""
         print(f"error: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (`latentedit models list | grep -q ...`, `| head`): stop quietly, as
+        # Unix tools do, and keep Python from reporting the pipe again when it flushes at exit.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,7 +15,10 @@ mkdir -p out
 SERVE_PID=$!
 trap 'kill -TERM $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null || true' EXIT
 "${LE[@]}" wait --timeout 180 || { echo "services did not come up; see out/serve.log"; tail -20 out/serve.log; exit 1; }
-installed() { "${LE[@]}" models list | grep -q "^$1 "; }
+# The listing is read once: `models list | grep -q` would close the pipe early and, with pipefail,
+# report an installed artifact as missing.
+MODELS=$("${LE[@]}" models list)
+installed() { grep -q "^$1 " <<< "$MODELS"; }
 "${LE[@]}" generate --count 16 --seed 0 --out out/faces.png
 if ! installed default-yaw; then
   echo "default-yaw is not installed (no shipped defaults/): training it once (a few minutes)"

@@ -265,3 +265,22 @@ def test_eval_wstar_measures_a_trained_flow_and_refuses_an_unknown_one(fresh_rep
         assert len(values) == 10 and all(np.isfinite(values)) and 0.5 <= values[2] <= 1.0, row  # avg accuracy
     assert "pose.yaw" in table
     assert (tmp_path / "t1.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`latentedit models list | grep -q NAME` closes the pipe early: the command stops without an
+    error line (demo.sh printed "error: [Errno 32] Broken pipe" and, with pipefail, took an installed
+    artifact for a missing one)."""
+    config = tmp_path / "config.yaml"
+    repo = tmp_path / "repo"
+    for i in range(4000):  # far more than a pipe buffer holds
+        (repo / f"model-{i:04d}" / "1").mkdir(parents=True)
+        (repo / f"model-{i:04d}" / "1" / "manifest.json").write_text('{"kind": "boundary"}')
+    config.write_text(f"repository: {repo}\nsecurity:\n  insecure: true\n")
+    reader = subprocess.run(
+        f"{sys.executable} -m latentedit --config {config} models list | head -c 10 >/dev/null; exit ${{PIPESTATUS[0]}}",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    assert "Broken pipe" not in reader.stderr and "Traceback" not in reader.stderr, reader.stderr
+    listed = subprocess.run([sys.executable, "-m", "latentedit", "--config", str(config), "models", "list"],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.stdout.count("\n") == 4000, listed.stdout[-300:]  # so the pipe above really filled up
