@@ -133,3 +133,19 @@ def sample_latents(space: LatentSpaceSpec, count: int, seed: int) -> np.ndarray:
         raise InvalidArgument(f"space {space.space} has no known prior to sample from; sample Z and map it")
     rng = np.random.Generator(np.random.PCG64(seed))
     return rng.standard_normal((count, *space.shape), dtype=np.float32)
+
+
+class WPlusInputGenerator(StagedGenerator):
+    """A style generator whose input layer is W+ (`num_ws` rows): W+ latents go in as they are,
+    W is broadcast over the rows and Z goes through the mapping network (`map_latents`)."""
+
+    num_ws: int
+
+    def latents_to_input(self, x: torch.Tensor, space: str) -> torch.Tensor:
+        if space == "w+":
+            return x
+        if space == "w":
+            return x[:, None, :].expand(-1, self.num_ws, -1)
+        if space == "z":
+            return self.map_latents(x, "w+")
+        raise InvalidArgument(f"{self.spec.architecture} has no latent space {space!r}")

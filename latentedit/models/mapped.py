@@ -22,7 +22,7 @@ from torch import nn
 from latentedit.errors import InvalidArgument
 from latentedit.latents import LatentSpaceSpec
 from latentedit.models.dcgan import DCGANGenerator
-from latentedit.models.generator import INPUT_LAYER, GeneratorSpec, LayerSpec, StagedGenerator
+from latentedit.models.generator import INPUT_LAYER, GeneratorSpec, LayerSpec, WPlusInputGenerator
 from latentedit.repository import Entry, ModelRepository
 
 ARCHITECTURE = "mapped-dcgan"
@@ -39,7 +39,7 @@ class _MixRows(nn.Module):
         return torch.einsum("nrd,rde->ne", ws, self.weight) / self.weight.shape[0]
 
 
-class MappedDCGAN(StagedGenerator):
+class MappedDCGAN(WPlusInputGenerator):
     def __init__(self, latent_dim: int = 100, num_ws: int = 4, mapping_layers: int = 2, feature_maps: int = 64,
                  channels: int = 3) -> None:
         super().__init__()
@@ -70,15 +70,6 @@ class MappedDCGAN(StagedGenerator):
             return w[:, None, :].expand(-1, self.num_ws, -1).contiguous()
         if space == "z":
             return z
-        raise InvalidArgument(f"{ARCHITECTURE} has no latent space {space!r}")
-
-    def latents_to_input(self, x: torch.Tensor, space: str) -> torch.Tensor:
-        if space == "w+":
-            return x
-        if space == "w":
-            return x[:, None, :].expand(-1, self.num_ws, -1)
-        if space == "z":
-            return self.map_latents(x, "w+")
         raise InvalidArgument(f"{ARCHITECTURE} has no latent space {space!r}")
 
     def config(self) -> dict:

@@ -38,7 +38,7 @@ from torch import nn
 
 from latentedit.errors import InvalidArgument
 from latentedit.latents import LatentSpaceSpec
-from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER, GeneratorSpec, LayerSpec, StagedGenerator
+from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER, GeneratorSpec, LayerSpec, WPlusInputGenerator
 
 ARCHITECTURE = "stylegan2"
 RESOLUTIONS = (64, 128, 256, 512, 1024)
@@ -245,7 +245,7 @@ class _Stage(nn.Module):
         return torch.cat([feats, img, rest], dim=1)
 
 
-class StyleGAN2Generator(StagedGenerator):
+class StyleGAN2Generator(WPlusInputGenerator):
     def __init__(self, resolution: int = 64, z_dim: int = 512, w_dim: int = 512, mapping_layers: int = 8,
                  channels: Sequence[int] | None = None, channel_multiplier: float = 2.0, max_channels: int = 512,
                  img_channels: int = 3, mapping_lr_mul: float = 0.01, noise_seed: int = 0, noise_mode: str = "const",
@@ -346,15 +346,6 @@ class StyleGAN2Generator(StagedGenerator):
             return w
         if space == "w+":
             return w[:, None, :].expand(-1, self.num_ws, -1).contiguous()
-        raise InvalidArgument(f"{ARCHITECTURE} has no latent space {space!r}")
-
-    def latents_to_input(self, x: torch.Tensor, space: str) -> torch.Tensor:
-        if space == "w+":
-            return x
-        if space == "w":
-            return x[:, None, :].expand(-1, self.num_ws, -1)
-        if space == "z":
-            return self.map_latents(x, "w+")
         raise InvalidArgument(f"{ARCHITECTURE} has no latent space {space!r}")
 
     def truncate(self, latents: torch.Tensor, space: str, psi: float, cutoff: int | None = None) -> torch.Tensor:
