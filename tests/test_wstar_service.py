@@ -39,8 +39,13 @@ def flow_job(stubs):
 
 def test_flow_job_reports_progress_metrics_and_a_listed_artifact(stubs, flow_job, suite_in_process):
     phases = [e.job.phase for e in flow_job]
-    for phase in ("sampling, scoring and perceptual distances", "training the flow", "measuring the proxy space"):
+    # WatchJob sends the job's state when it changes, so a brief phase can be passed over between two
+    # events (it was, once, in a full-suite run): the long phases must be seen, in order, and the brief
+    # "measuring the proxy space" shows in its metrics (the *_proxy ones below).
+    for phase in ("sampling, scoring and perceptual distances", "training the flow"):
         assert phase in phases
+    seen = list(dict.fromkeys(phases))
+    assert seen.index("sampling, scoring and perceptual distances") < seen.index("training the flow"), seen
     progress = [e.job.progress for e in flow_job]
     assert progress == sorted(progress) and progress[-1] == 1.0
     final = flow_job[-1].job
