@@ -75,6 +75,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--install", action="store_true", help="write the result into the repository")
     p.add_argument("--smoke", action="store_true", help="mark the record as a smoke run (not a shippable model)")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="save a resumable checkpoint (student, EMA, optimiser, step) this often")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt; --minutes is then the budget of this run")
     return p.parse_args()
 
 
@@ -220,6 +224,27 @@ def main() -> None:
         t0 = teacher(torch.randn(256, 100, device=device))
         scales = [f.pow(2).mean().item() + 1e-8 for f in nets(t0)]
     started, step, history = time.time(), 0, []
+    previous_seconds = 0.0
+    checkpoint_path = out / "checkpoint.pt"
+    if args.resume and checkpoint_path.exists():
+        # Only tensors and plain containers: weights_only keeps the load free of pickled code.
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        student.load_state_dict(state["student"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step, previous_seconds, history = int(state["step"]), float(state["seconds"]), json.loads(state["history"])
+        print(f"resumed from {checkpoint_path} at step {step} ({previous_seconds / 60:.1f} min trained)", flush=True)
+    elif args.resume:
+        print(f"no checkpoint at {checkpoint_path}; starting afresh", flush=True)
+
+    def save_checkpoint() -> None:
+        tmp = checkpoint_path.with_suffix(".tmp")
+        torch.save({"student": student.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                    "step": step, "seconds": previous_seconds + time.time() - started,
+                    "history": json.dumps(history)}, tmp)
+        tmp.replace(checkpoint_path)  # atomic: a stop mid-save leaves the previous checkpoint
+
+    last_checkpoint = time.time()
     budget = args.minutes * 60
     print(f"student: {params / 1e6:.2f} M parameters, num_ws {student.num_ws}, device {device}", flush=True)
     while time.time() - started < budget and (not args.max_steps or step < args.max_steps):
@@ -249,11 +274,15 @@ def main() -> None:
                 be.copy_(bs)
         step += 1
         if step % args.log_every == 0 or step == 1:
-            entry = {"step": step, "seconds": round(time.time() - started, 1), "loss": loss.item(),
+            entry = {"step": step, "seconds": round(previous_seconds + time.time() - started, 1), "loss": loss.item(),
                      "pixel": pixel.item(), "feature": float(feature.item())}
             history.append(entry)
             print(json.dumps(entry), flush=True)
-    train_seconds = time.time() - started
+        if time.time() - last_checkpoint >= args.checkpoint_minutes * 60:
+            save_checkpoint()
+            last_checkpoint = time.time()
+    save_checkpoint()
+    train_seconds = previous_seconds + time.time() - started
     ema = ema.cpu().eval()
     print(f"evaluating on {args.eval_samples} held-out z ...", flush=True)
     figures = evaluate(ema, teacher.cpu(), nets.cpu(), repo, args.eval_samples, torch.device("cpu"))
