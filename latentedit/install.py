@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from latentedit.models.dcgan import DCGANGenerator
 from latentedit.repository import Entry, ModelRepository, file_sha256
 from latentedit.scoring.base import HEAD_KIND, MODEL_KIND, package_dir
+from latentedit.world import GENERATOR_KIND
 
 DEFAULT_GENERATOR = "dcgan-faces"
 # The source tree's defaults/; an installed package (the container image) names its copy with
@@ -239,27 +240,56 @@ DEFAULT_HEADS: dict[str, dict[str, Any]] = {
 # ---- shipped trained artifacts ---------------------------------------------------------------
 
 
+def _shipped_manifest(source: Entry) -> dict[str, Any]:
+    return {k: v for k, v in source.manifest.items() if k not in _PER_VERSION_KEYS}
+
+
+def _shipped_files(source: Entry) -> tuple[list[Path], Callable[[Path], None]]:
+    files = source.manifest.get("files", {})
+    return [source.path / rel for rel in files.values()], _copy_files({rel: source.path / rel for rel in files.values()})
+
+
+def install_shipped_generators(repo: ModelRepository, log: Log = print, shipped_dir: Path = SHIPPED_DIR) -> list[Entry]:
+    """Install the newest version of every generator in `shipped_dir` (the distilled StyleGAN2 made
+    by scripts/distill_stylegan2.py), keeping its manifest and provenance (which says how good it is)."""
+    if not shipped_dir.is_dir():
+        return []
+    installed = []
+    for source in ModelRepository(shipped_dir).entries(kind=GENERATOR_KIND):
+        manifest = _shipped_manifest(source)
+        manifest["provenance"] = {**manifest.get("provenance", {}), "shipped_from": f"{shipped_dir.name}/{source.name}/{source.version}",
+                                  "shipped_created_at": source.manifest.get("created_at", "")}
+        sources, populate = _shipped_files(source)
+        installed.append(ensure_entry(repo, source.name, manifest, sources, populate, log))
+    return installed
+
+
 def install_shipped(repo: ModelRepository, generator: Entry, log: Log = print, shipped_dir: Path = SHIPPED_DIR) -> list[Entry]:
     """Install the newest version of every artifact in `shipped_dir` (a model repository) that was
-    trained for `generator`'s weights; each keeps its manifest, with provenance saying it shipped."""
+    trained for `generator`'s weights; each keeps its manifest, with provenance saying it shipped.
+    Artifacts of other generators are left to their own call; those of this generator's name but
+    other weights are skipped, with a line saying so."""
     if not shipped_dir.is_dir():
         log(f"  no shipped trained defaults at {shipped_dir}; train them with scripts/train_defaults.py")
         return []
     weights = generator.manifest.get("sha256", {}).get("weights")
     installed = []
     for source in ModelRepository(shipped_dir).entries():
+        if source.manifest.get("kind") == GENERATOR_KIND:
+            continue
         provenance = source.manifest.get("provenance", {})
         trained_for = source.manifest.get("generator", {}).get("name")
-        if trained_for != generator.name or provenance.get("generator_weights_sha256") != weights:
+        if trained_for != generator.name:
+            continue
+        if provenance.get("generator_weights_sha256") != weights:
             log(f"  {source.name}: skipped (trained for {trained_for!r} with other weights than {generator.name} v{generator.version})")
             continue
-        manifest = {k: v for k, v in source.manifest.items() if k not in _PER_VERSION_KEYS}
+        manifest = _shipped_manifest(source)
         manifest["generator"] = {"name": generator.name, "version": generator.version}
         manifest["provenance"] = {**provenance, "source": f"shipped default: {shipped_dir.name}/{source.name}/{source.version}",
                                   "shipped_created_at": source.manifest.get("created_at", "")}
-        files = {role: source.path / rel for role, rel in source.manifest.get("files", {}).items()}
-        installed.append(ensure_entry(repo, source.name, manifest, list(files.values()),
-                                      _copy_files({source.manifest["files"][role]: path for role, path in files.items()}), log))
+        sources, populate = _shipped_files(source)
+        installed.append(ensure_entry(repo, source.name, manifest, sources, populate, log))
     return installed
 
 
@@ -270,5 +300,8 @@ def install_defaults(repo: ModelRepository, log: Log = print, shipped_dir: Path 
     _scorer_models(repo, log)
     for name, manifest in DEFAULT_HEADS.items():
         entries.append(ensure_entry(repo, name, {"kind": HEAD_KIND, **manifest}, [], lambda _folder: None, log))
-    entries += install_shipped(repo, generator, log, shipped_dir)
+    generators = [generator, *install_shipped_generators(repo, log, shipped_dir)]
+    entries += generators[1:]
+    for each in generators:
+        entries += install_shipped(repo, each, log, shipped_dir)
     return entries

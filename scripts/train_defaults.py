@@ -197,9 +197,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for child in out.iterdir():  # every run writes version 1 of each name afresh
-        if child.is_dir():
-            shutil.rmtree(child)
+    for name in [*BOUNDARIES, *MAPPINGS, DIRECTIONS]:  # every run writes version 1 of each name afresh
+        if (out / name).is_dir():  # (only its own: the distilled StyleGAN2 and its artifacts stay)
+            shutil.rmtree(out / name)
     shipped = ModelRepository(out)
     provenance = {"provenance": {"shipped_default": True, "recipe": "scripts/train_defaults.py", "git_commit": git_commit(),
                                  "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
