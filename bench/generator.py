@@ -1,6 +1,10 @@
 """Generator throughput: images/s through gRPC vs in-process, per backend, encoding and batch.
 
     .venv/bin/python bench/generator.py [--seconds 1.5] [--batches 1 64 256]
+    .venv/bin/python bench/generator.py --model stylegan2-faces --space w+ --batches 1 64
+
+Both sides take latents of `--space` (Z by default; W and W+ for StyleGAN2) and map them to
+the model's input the same way (`LoadedGenerator.to_input`, as the service does).
 
 Both sides do the same work per call (run the backend, convert to uint8, encode raw or PNG
 into the response message); the gRPC side adds the transport, (de)serialisation and the
@@ -16,7 +20,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +31,7 @@ from generator_svc.pool import GeneratorPool  # noqa: E402
 from latentedit import wire  # noqa: E402
 from latentedit.api.v1 import generator_pb2_grpc, types_pb2  # noqa: E402
 from latentedit.config import GeneratorConfig, load_config  # noqa: E402
+from latentedit.latents import Latents  # noqa: E402
 from latentedit.models.generator import IMAGE_LAYER, INPUT_LAYER  # noqa: E402
 from latentedit.repository import ModelRepository  # noqa: E402
 from latentedit.rpc.client import connect, synthesize_request  # noqa: E402
@@ -38,7 +42,9 @@ ENCODINGS = {"raw": types_pb2.IMAGE_ENCODING_RAW_UINT8, "png": types_pb2.IMAGE_E
 def measure(args: argparse.Namespace, device: str, fp16: bool, backends: list[int]) -> list[tuple]:
     repository = load_config(ROOT / "config" / "local.yaml").repository
     pool = GeneratorPool(ModelRepository(repository), GeneratorConfig(device=device, cuda_fp16=fp16))
-    loaded = pool.get("")
+    loaded = pool.get(args.model)
+    space = loaded.spec.space(args.space)
+    model_ref = types_pb2.ModelRef(name=args.model)
     rows = []
     sections = {"generator": {"device": device, "cuda_fp16": fp16, "max_queue_rows": 100000}}
     with served(["generator"], repository, sections) as addresses:
@@ -47,11 +53,11 @@ def measure(args: argparse.Namespace, device: str, fp16: bool, backends: list[in
             backend = loaded.backends[kind]
             for enc_name, encoding in ENCODINGS.items():
                 for batch in args.batches:
-                    z = np.random.default_rng(batch).standard_normal((batch, 100)).astype(np.float32)
-                    request = synthesize_request(types_pb2.ModelRef(), z, encoding, kind)
+                    latents = Latents(space, loaded.sample(space, batch, seed=batch))
+                    request = synthesize_request(model_ref, latents.values, encoding, kind, space.space)
 
                     def in_process() -> int:
-                        floats = backend.run(z, INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER]
+                        floats = backend.run(loaded.to_input(latents), INPUT_LAYER, [IMAGE_LAYER])[IMAGE_LAYER]
                         wire.encode_images(wire.float_to_uint8_images(floats), encoding)
                         return batch
 
@@ -66,18 +72,17 @@ def measure(args: argparse.Namespace, device: str, fp16: bool, backends: list[in
                     rows.append((label, enc_name, batch, local, remote))
                     print(f"{label:28s} {enc_name:4s} batch {batch:4d}: in-process {local:9.1f} img/s, "
                           f"gRPC {remote:9.1f} img/s, ratio {remote / local:.2f}", flush=True)
-        rows_concurrent = concurrent_callers(stub, args.seconds)
+        rows_concurrent = concurrent_callers(stub, args.seconds, model_ref, Latents(space, loaded.sample(space, 1, seed=0)))
     pool.close()
     return rows, rows_concurrent
 
 
-def concurrent_callers(stub, seconds: float) -> list[tuple[int, float]]:
+def concurrent_callers(stub, seconds: float, model_ref, latents: Latents) -> list[tuple[int, float]]:
     """Batch-1 callers in parallel threads: the service batches their rows together."""
     import threading
     import time
 
-    z = np.random.default_rng(0).standard_normal((1, 100)).astype(np.float32)
-    request = synthesize_request(types_pb2.ModelRef(), z, backend=types_pb2.BACKEND_ONNXRUNTIME)
+    request = synthesize_request(model_ref, latents.values, backend=types_pb2.BACKEND_ONNXRUNTIME, space=latents.space.space)
     results = []
     for callers in (1, 4, 16):
         counts = [0] * callers
@@ -103,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=1.5, help="minimum timing window per cell")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--model", default="", help="generator name (default: the repository's default, dcgan-faces)")
+    parser.add_argument("--space", default="z", help="latent space the latents are sent in: z, w or w+")
     parser.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -118,7 +125,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         table.append("\nNo GPU on this machine: the CUDA rows (torch fp32/fp16) are added when the script runs on one.")
     if not args.no_record:
-        record("Generator throughput", " ".join(["python bench/generator.py", *sys.argv[1:]]), "\n".join(table))
+        section = "Generator throughput" if not args.model else f"Generator throughput: {args.model}, {args.space.upper()} latents"
+        record(section, " ".join(["python bench/generator.py", *sys.argv[1:]]), "\n".join(table))
         print("recorded in bench/RESULTS.md")
 
 

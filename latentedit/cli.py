@@ -396,7 +396,7 @@ def cmd_train_mapping(args: argparse.Namespace) -> int:
     spec = trainer_pb2.MappingJobSpec(
         generator=types_pb2.ModelRef(name=args.model), condition=kinds[args.condition],
         attributes=[_attribute_ref(a) for a in args.attribute], keypoints_head=args.keypoints_head,
-        num_pairs=args.pairs, depth=args.depth, hidden_dim=args.hidden,
+        num_pairs=args.pairs, depth=args.depth, hidden_dim=args.hidden, space=_space_code(args.space),
         options=trainer_pb2.TrainingOptions(seed=args.seed, steps=args.steps, artifact_name=args.name))
     return _run_job(args, trainer_pb2.StartJobRequest(idempotency_key=args.key, mapping=spec),
                     f"training SGF mapping {args.name or '(auto name)'} on {args.condition}",
@@ -470,6 +470,7 @@ def cmd_train_boundary(args: argparse.Namespace) -> int:
         attribute=types_pb2.AttributeRef(head=args.head, output=args.output, label=args.label, index=args.index),
         num_samples=args.samples,
         keep_fraction=args.keep,
+        space=_space_code(args.space),
         options=trainer_pb2.TrainingOptions(seed=args.seed, artifact_name=args.name),
     )
     if args.quality_min > 0:
@@ -478,6 +479,21 @@ def cmd_train_boundary(args: argparse.Namespace) -> int:
     request = trainer_pb2.StartJobRequest(idempotency_key=args.key, display_name=f"boundary {args.name}", boundary=spec)
     label = f"{args.head}.{args.output}{'.' + args.label if args.label else ''}"
     return _run_job(args, request, f"training boundary {args.name or '(auto name)'} on {label}")
+
+
+def _space_code(space: str) -> int:
+    """'' (the generator's first space) or z / w / w+ -> the wire enum."""
+    from latentedit import wire
+
+    return wire.space_code(space) if space else 0
+
+
+def _row_range(text: str):
+    """'START:END' (W+ rows START <= row < END) -> (start, end), checked before any call."""
+    start, sep, end = text.partition(":")
+    if not sep or not start.strip().isdigit() or not end.strip().isdigit() or int(start) >= int(end):
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:END with 0 <= START < END (W+ rows, e.g. 0:4)")
+    return int(start), int(end)
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -500,6 +516,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
         request.interfacegan.CopyFrom(editor_pb2.InterFaceGANEdit(
             boundary=args.boundary, condition_boundaries=args.condition, start_distance=_walk_end(args.start, "start"),
             end_distance=_walk_end(args.end, "end")))
+        if args.rows is not None:
+            request.interfacegan.rows.CopyFrom(types_pb2.RowRange(start=args.rows[0], end=args.rows[1]))
+    elif args.rows is not None:
+        raise SystemExit("error: --rows works with --method interfacegan --boundary; other methods take "
+                         "--param rows.start=S --param rows.end=E where they have rows")
     elif args.method == "sgf" and not args.param:
         request.sgf.CopyFrom(_sgf_request(args))
         _walk_range(args, request.sgf)  # refuses --start / --end: SGF walks to a target
@@ -745,6 +766,8 @@ def _add_train(sub) -> None:
                           help="fraction kept at each end of the ranking")
     boundary.add_argument("--quality-min", type=_number(float, 0, 1), default=0.0,
                           help="drop samples whose face probability is lower")
+    boundary.add_argument("--space", choices=["z", "w", "w+"], default="",
+                          help="latent space of the boundary (default: the generator's first, z)")
     _add_job_args(boundary)
     boundary.set_defaults(func=cmd_train_boundary)
 
@@ -752,6 +775,8 @@ def _add_train(sub) -> None:
     mapping.add_argument("--condition", choices=["attributes", "keypoints", "caption"], required=True)
     mapping.add_argument("--attribute", action="append", default=[], help="head.output[.label] (repeatable), for attributes")
     mapping.add_argument("--keypoints-head", default="keypoints5")
+    mapping.add_argument("--space", choices=["z", "w", "w+"], default="",
+                         help="latent space F maps (default: the generator's first, z)")
     mapping.add_argument("--pairs", type=_number(int, 1, LIMITS.mapping_pairs, zero=default), default=0,
                          help=f"(z, c) pairs (default {mapping_defaults['num_pairs']}; the paper: 200,000)")
     mapping.add_argument("--depth", type=_number(int, 2, LIMITS.mapping_depth, zero=default), default=0,
@@ -810,6 +835,8 @@ def _add_edit(sub) -> None:
                       help=f"where the walk starts: a method's start distance or stride (default {ifg_defaults.start_distance:g})")
     edit.add_argument("--end", type=distance, default=None,
                       help=f"where the walk ends: a method's end distance or stride (default {ifg_defaults.end_distance:g})")
+    edit.add_argument("--rows", type=_row_range, default=None, metavar="START:END",
+                      help="per-layer edit: move only these W+ rows (a W boundary is broadcast over them)")
     edit.add_argument("--frames", type=COUNT, default=ifg_defaults.num_frames)
     edit.add_argument("--seed", type=SEED, default=0)
     edit.add_argument("--count", type=COUNT, default=4, help="how many samples to edit")

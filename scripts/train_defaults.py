@@ -65,6 +65,8 @@ MAPPINGS = {
     "default-sgf-caption": ConditionSpec("caption"),
 }
 DIRECTIONS = "default-dplase"
+STYLEGAN2 = "stylegan2-faces"  # the distilled W-space default (scripts/distill_stylegan2.py)
+STYLEGAN2_BOUNDARIES = {"stylegan2-yaw": (Attribute("pose", "yaw", None), "w")}
 HEADS = ["age_gender", "caption", "expression", "keypoints5", "pose"]
 CHECK_SEED, CHECK_COUNT = 777_000, 64
 BATCH = 256
@@ -84,17 +86,68 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def draw_and_score(world: LocalWorld, generator: GeneratorInfo, count: int, seed: int, batch: int = BATCH
-                   ) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
-    """`count` latents (batch i drawn with batch_seed(seed, i), as trainer jobs do) and every head's outputs."""
+def draw_and_score(world: LocalWorld, generator: GeneratorInfo, count: int, seed: int, batch: int = BATCH,
+                   space: str = "z", heads: list[str] = HEADS) -> tuple[np.ndarray, dict[str, dict[str, np.ndarray]]]:
+    """`count` latents of `space` (batch i drawn with batch_seed(seed, i), as trainer jobs do) and the heads' outputs."""
     latents, outputs = [], []
     for index, start in enumerate(range(0, count, batch)):
-        z = world.sample(generator, min(batch, count - start), batch_seed(seed, index))
+        z = world.sample(generator, min(batch, count - start), batch_seed(seed, index), space)
         latents.append(z.flat())
-        outputs.append(world.score(world.synthesize(generator, z), HEADS))
+        outputs.append(world.score(world.synthesize(generator, z), heads))
         log(f"  scored {start + len(latents[-1])}/{count}")
-    merged = {head: {name: np.concatenate([o[head][name] for o in outputs]) for name in outputs[0][head]} for head in HEADS}
+    merged = {head: {name: np.concatenate([o[head][name] for o in outputs]) for name in outputs[0][head]} for head in heads}
     return np.concatenate(latents).astype(np.float32), merged
+
+
+def ship_boundary(name: str, attribute: Attribute, space: str, samples, check, generator: GeneratorInfo,
+                  shipped: ModelRepository, provenance: dict) -> dict:
+    """Fit `name` on the scored samples with RECIPE's settings, write it into `shipped`, and return
+    its record: metrics and the accuracy on the check set (which tests reproduce)."""
+    rb = RECIPE["boundary"]
+    latents, outputs = samples
+    scores = attribute.extract(outputs)
+    fit = ifg.boundary_from_scores(latents, scores, rb["keep_fraction"], rb["validation_fraction"], rb["svm_c"], seed=0)
+    finite = np.isfinite(scores)
+    threshold = float(np.median(scores[finite]))
+    all_accuracy = ifg.accuracy(fit.boundary, latents[finite], scores[finite] > threshold)
+    check_scores = attribute.extract(check[1])
+    ok = np.isfinite(check_scores)
+    check_accuracy = ifg.accuracy(fit.boundary, check[0][ok], check_scores[ok] > threshold)
+    metrics = {"validation_accuracy": fit.validation_accuracy, "train_accuracy": fit.train_accuracy,
+               "all_samples_accuracy": all_accuracy, "num_samples": float(len(latents))}
+    ifg.boundary_artifact(name, fit.boundary, generator, space, attribute.to_dict(), metrics).save(
+        shipped, {**provenance, "threshold": threshold})
+    log(f"{name}: validation accuracy {fit.validation_accuracy:.3f}, all samples {all_accuracy:.3f}, check {check_accuracy:.3f}")
+    return {"kind": "boundary", "attribute": attribute.name, "space": space, "generator": generator.name, "metrics": metrics,
+            "check": {"accuracy": check_accuracy, "threshold": threshold}}
+
+
+def shipped_provenance(repo: ModelRepository, generator: GeneratorInfo) -> dict:
+    entry = repo.resolve(generator.name, generator.version)
+    return {"provenance": {"shipped_default": True, "recipe": "scripts/train_defaults.py", "git_commit": git_commit(),
+                           "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "generator_weights_sha256": entry.manifest["sha256"]["weights"]}}
+
+
+def train_stylegan2_defaults(args: argparse.Namespace) -> None:
+    """--stylegan2: the distilled StyleGAN2's own shipped artifacts (a W-space yaw boundary, which
+    per-layer edits broadcast over a W+ row range), recorded in defaults/stylegan2-recipe.json."""
+    repo = ModelRepository(args.repo)
+    world = LocalWorld(repo, STYLEGAN2)
+    generator = world.generator(STYLEGAN2)
+    out = Path(args.out)
+    shipped, provenance = ModelRepository(out), shipped_provenance(repo, generator)
+    record: dict = {"recipe": {**RECIPE, "samples": args.samples, "check_seed": CHECK_SEED, "check_count": CHECK_COUNT,
+                               "generator": STYLEGAN2}, "artifacts": {}}
+    for name, (attribute, space) in STYLEGAN2_BOUNDARIES.items():
+        log(f"{name}: drawing and scoring {args.samples} {space} samples of {STYLEGAN2} with {attribute.head}")
+        samples = draw_and_score(world, generator, args.samples, RECIPE["samples_seed"], space=space, heads=[attribute.head])
+        check = draw_and_score(world, generator, CHECK_COUNT, CHECK_SEED, space=space, heads=[attribute.head])
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+        record["artifacts"][name] = ship_boundary(name, attribute, space, samples, check, generator, shipped, provenance)
+    (out / "stylegan2-recipe.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    log(f"wrote {', '.join(STYLEGAN2_BOUNDARIES)} and {out / 'stylegan2-recipe.json'}")
 
 
 def flatten(outputs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -162,18 +215,22 @@ def main() -> None:
     parser.add_argument("--cache", default="", help="an .npz to read/write the scored samples (saves re-scoring)")
     parser.add_argument("--compare", action="store_true", help="also train format-1 F on the same pairs (before/after)")
     parser.add_argument("--skip-dplase", action="store_true")
+    parser.add_argument("--stylegan2", action="store_true",
+                        help=f"train only {STYLEGAN2}'s shipped artifacts (it must be installed in --repo)")
     parser.add_argument("--results-only", action="store_true", help="rewrite the RESULTS.md section from defaults/recipe.json")
     args = parser.parse_args()
     if args.results_only:
         write_results(json.loads((ROOT / "defaults" / "recipe.json").read_text()), "--compare (section from defaults/recipe.json)")
         return
     torch.set_num_threads(args.threads)
+    if args.stylegan2:
+        train_stylegan2_defaults(args)
+        return
     if args.steps:
         RECIPE["mapping"]["steps"] = RECIPE["dplase"]["steps"] = args.steps
     began = time.perf_counter()
     world = LocalWorld(ModelRepository(args.repo), DEFAULT_GENERATOR)
     generator = world.generator(DEFAULT_GENERATOR)
-    generator_entry = ModelRepository(args.repo).resolve(DEFAULT_GENERATOR, generator.version)
     seconds: dict[str, float] = {}
 
     # ---- one scored sample set ----
@@ -201,33 +258,17 @@ def main() -> None:
         if (out / name).is_dir():  # (only its own: the distilled StyleGAN2 and its artifacts stay)
             shutil.rmtree(out / name)
     shipped = ModelRepository(out)
-    provenance = {"provenance": {"shipped_default": True, "recipe": "scripts/train_defaults.py", "git_commit": git_commit(),
-                                 "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 "generator_weights_sha256": generator_entry.manifest["sha256"]["weights"]}}
+    provenance = shipped_provenance(ModelRepository(args.repo), generator)
     record: dict = {"recipe": {**RECIPE, "samples": len(latents), "check_seed": CHECK_SEED, "check_count": CHECK_COUNT,
                                "heads": HEADS, "generator": DEFAULT_GENERATOR, "threads": args.threads},
                     "artifacts": {}}
 
     # ---- InterFaceGAN boundaries ----
-    rb = RECIPE["boundary"]
     for name, attribute in BOUNDARIES.items():
         t = time.perf_counter()
-        scores = attribute.extract(outputs)
-        fit = ifg.boundary_from_scores(latents, scores, rb["keep_fraction"], rb["validation_fraction"], rb["svm_c"], seed=0)
-        finite = np.isfinite(scores)
-        threshold = float(np.median(scores[finite]))
-        all_accuracy = ifg.accuracy(fit.boundary, latents[finite], scores[finite] > threshold)
-        check_scores = attribute.extract(check_outputs)
-        ok = np.isfinite(check_scores)
-        check_accuracy = ifg.accuracy(fit.boundary, check_z[ok], check_scores[ok] > threshold)
-        metrics = {"validation_accuracy": fit.validation_accuracy, "train_accuracy": fit.train_accuracy,
-                   "all_samples_accuracy": all_accuracy, "num_samples": float(len(latents))}
-        trained = ifg.boundary_artifact(name, fit.boundary, generator, "z", attribute.to_dict(), metrics)
-        trained.save(shipped, {**provenance, "threshold": threshold})
+        record["artifacts"][name] = ship_boundary(name, attribute, "z", (latents, outputs), (check_z, check_outputs),
+                                                  generator, shipped, provenance)
         seconds[name] = time.perf_counter() - t
-        record["artifacts"][name] = {"kind": "boundary", "attribute": attribute.name, "metrics": metrics,
-                                     "check": {"accuracy": check_accuracy, "threshold": threshold}}
-        log(f"{name}: validation accuracy {fit.validation_accuracy:.3f}, all samples {all_accuracy:.3f}, check {check_accuracy:.3f}")
 
     # ---- SGF mappings ----
     rm = RECIPE["mapping"]

@@ -245,6 +245,50 @@ def test_interfacegan_end_to_end_through_the_public_api(suite):
     np.testing.assert_allclose(yaw_distance(plain_latents[-1:]) - yaw_distance(plain_latents[:1]), 3 * cosine, atol=1e-3)
 
 
+def test_a_w_plus_edit_on_the_stylegan2_default_end_to_end(suite, tmp_path):
+    """The distilled StyleGAN2 default through the four processes: a yaw boundary trained in W by
+    the trainer (started from the CLI with --space w), then a per-layer edit of W+ rows 0-3 streamed
+    by the editor (public API, and the CLI's --rows); the returned latents re-synthesized by the
+    generator give the streamed images."""
+    from latentedit.api.v1 import editor_pb2_grpc, generator_pb2_grpc
+    from latentedit.repository import ModelRepository
+
+    config, ports, _ = suite
+    train = _cli("--config", str(config), "train", "boundary", "--model", "stylegan2-faces", "--space", "w", "--head", "pose",
+                 "--output", "yaw", "--samples", "600", "--keep", "0.3", "--name", "e2e-sg2-yaw",
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = train.communicate(timeout=600)
+    assert train.returncode == 0, output
+    entry = ModelRepository(yaml.safe_load(config.read_text())["repository"]).resolve("e2e-sg2-yaw")
+    assert entry.manifest["space"] == "w" and entry.manifest["generator"]["name"] == "stylegan2-faces"
+    assert entry.manifest["metrics"]["validation_accuracy"] > 0.8, entry.manifest["metrics"]
+
+    generator = generator_pb2_grpc.GeneratorServiceStub(connect(f"localhost:{ports['generator']}"))
+    editor = editor_pb2_grpc.EditorServiceStub(connect(f"localhost:{ports['editor']}"))
+    stylegan2 = types_pb2.ModelRef(name="stylegan2-faces")
+    frames = list(editor.Edit(editor_pb2.EditRequest(
+        generator=stylegan2, seed=editor_pb2.SeedStart(seed=12, count=4), num_frames=4, score_heads=["pose"],
+        interfacegan=editor_pb2.InterFaceGANEdit(boundary="e2e-sg2-yaw", start_distance=-3, end_distance=3,
+                                                 rows=types_pb2.RowRange(start=0, end=4))), timeout=300))
+    latents = np.stack([wire.from_tensor(f.latents.values, field="w+") for f in frames])
+    assert all(f.latents.space == wire.space_code("w+") for f in frames) and latents.shape == (4, 4, 10, 256)
+    np.testing.assert_allclose(latents[:, :, 4:], np.broadcast_to(latents[:1, :, 4:], latents[:, :, 4:].shape), atol=1e-5)
+    yaw = np.stack([[wire.from_tensor(o.tensor, field="yaw") for h in f.scores for o in h.outputs if o.name == "yaw"][0]
+                    for f in frames])
+    assert (yaw[-1] - yaw[0]).mean() > 5, yaw.round(1)
+    again = generator.Synthesize(generator_pb2.SynthesizeRequest(model=stylegan2, latents=frames[-1].latents), timeout=60)
+    streamed = wire.decode_images(frames[-1].images).astype(int)
+    assert np.abs(wire.decode_images(again.images).astype(int) - streamed).max() <= 2
+
+    out = tmp_path / "sg2-rows"
+    edit = _cli("--config", str(config), "edit", "--model", "stylegan2-faces", "--boundary", "e2e-sg2-yaw", "--rows", "0:4",
+                "--frames", "3", "--count", "2", "--score", "pose", "--out", str(out),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = edit.communicate(timeout=300)
+    assert edit.returncode == 0, output
+    assert Image.open(out.with_suffix(".png")).size[0] > 64
+
+
 def test_cli_trains_an_sgf_mapping_and_writes_an_sgf_edit(suite, tmp_path):
     config, _, _ = suite
     train = _cli("--config", str(config), "train", "mapping", "--condition", "attributes", "--attribute", "pose.yaw",

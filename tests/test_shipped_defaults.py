@@ -160,3 +160,44 @@ def test_the_editor_edits_with_the_shipped_boundary_and_mapping_without_training
     assert last.mean() < 0.5 * first.mean(), (first, last)  # SGF closes most of the gap to the target
     jobs_after = {job.id for job in trainer.ListJobs(trainer_pb2.ListJobsRequest(page_size=500), timeout=30).jobs}
     assert jobs_after == jobs_before  # nothing was trained for these edits
+
+
+# ---- the distilled StyleGAN2 and its own artifacts (issue 9) -------------------------------------
+
+STYLEGAN2_RECORD = json.loads((SHIPPED_DIR / "stylegan2-recipe.json").read_text())
+
+
+def test_the_shipped_stylegan2_installs_byte_for_byte_with_its_quality_record(installed_repo, fresh_repo):
+    from latentedit.install import install_shipped_generators
+    from latentedit.repository import ModelRepository
+
+    shipped = ModelRepository(SHIPPED_DIR).resolve("stylegan2-faces")
+    entry = installed_repo.resolve("stylegan2-faces", kind="generator")
+    assert entry.manifest["sha256"] == shipped.manifest["sha256"] and entry.manifest["config"] == shipped.manifest["config"]
+    provenance = entry.manifest["provenance"]
+    # How good it is travels with it (ListModels shows provenance), whether or not it meets the bar.
+    assert provenance["status"] == shipped.manifest["provenance"]["status"] and provenance["status"]
+    assert provenance["shipped_from"] == f"defaults/stylegan2-faces/{shipped.version}"
+    record = json.loads((SHIPPED_DIR / "stylegan2-faces" / "record.json").read_text())
+    assert float(provenance["accepted_student_p08"]) == pytest.approx(record["figures"]["accepted_student_p08"], rel=1e-3)
+    lines: list[str] = []
+    install_shipped_generators(fresh_repo, lines.append)
+    assert lines == [f"  stylegan2-faces v{fresh_repo.resolve('stylegan2-faces').version}: up to date"]
+
+
+def test_the_stylegan2_boundaries_are_its_own_and_reproduce_their_recorded_accuracy(installed_repo):
+    world = LocalWorld(installed_repo)
+    generator = world.generator("stylegan2-faces")
+    weights = installed_repo.resolve("stylegan2-faces").manifest["sha256"]["weights"]
+    recipe = STYLEGAN2_RECORD["recipe"]
+    assert STYLEGAN2_RECORD["artifacts"], "no StyleGAN2 artifact is shipped"
+    for name, info in STYLEGAN2_RECORD["artifacts"].items():
+        boundary, entry = load_boundary(installed_repo, name, generator="stylegan2-faces")
+        assert entry.manifest["space"] == info["space"] == "w" and boundary.normal.shape == (256,)
+        assert entry.manifest["provenance"]["generator_weights_sha256"] == weights
+        attribute = Attribute.from_dict(entry.manifest["attribute"])
+        latents = world.sample(generator, recipe["check_count"], batch_seed(recipe["check_seed"], 0), info["space"])
+        scores = attribute.extract(world.score(world.synthesize(generator, latents), [attribute.head]))
+        ok = np.isfinite(scores)
+        measured = accuracy(boundary, latents.flat()[ok], scores[ok] > info["check"]["threshold"])
+        assert abs(measured - info["check"]["accuracy"]) <= 1.5 / ok.sum(), (name, measured, info["check"])
