@@ -481,11 +481,12 @@ def cmd_train_boundary(args: argparse.Namespace) -> int:
     return _run_job(args, request, f"training boundary {args.name or '(auto name)'} on {label}")
 
 
-def _space_code(space: str) -> int:
+def _space_code(space: str):
     """'' (the generator's first space) or z / w / w+ -> the wire enum."""
     from latentedit import wire
+    from latentedit.api.v1 import types_pb2
 
-    return wire.space_code(space) if space else 0
+    return wire.SPACE_CODES[space] if space else types_pb2.LATENT_SPACE_UNSPECIFIED
 
 
 def _row_range(text: str):

@@ -3,7 +3,9 @@
 # generator, see defaults/), serve the four services, edit with InterFaceGAN along the shipped
 # head-pose boundary and with SGF toward a yaw target through the shipped attribute mapping,
 # and write images a person can look at (out/faces.png, out/edit-yaw.{png,gif},
-# out/edit-sgf-yaw.{png,gif}); then shut the services down cleanly. Nothing is trained unless a
+# out/edit-sgf-yaw.{png,gif}); on the distilled StyleGAN2 default (W space), a per-layer yaw edit
+# of W+ rows 0-3 (out/faces-stylegan2.png, out/edit-stylegan2-yaw-rows0-3.{png,gif}); then shut
+# the services down cleanly. Nothing is trained unless a
 # shipped artifact is missing (a checkout without defaults/): then it is trained once, and said so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +33,19 @@ if ! installed default-sgf-attributes; then
     --attribute pose.mouth_openness --attribute age_gender.male_probability --name default-sgf-attributes --key demo-default-sgf-attributes
 fi
 "${LE[@]}" edit --method sgf --mapping default-sgf-attributes --set pose.yaw=25 --seed 1 --count 4 --score pose --out out/edit-sgf-yaw
-echo "open out/faces.png, out/edit-yaw.png (.gif) and out/edit-sgf-yaw.png (.gif); service logs are in out/serve.log"
+if installed stylegan2-faces; then
+  "${LE[@]}" generate --model stylegan2-faces --count 16 --seed 0 --out out/faces-stylegan2.png
+  if ! installed stylegan2-yaw; then
+    echo "stylegan2-yaw is not installed: training it once in W (about a minute)"
+    "${LE[@]}" train boundary --model stylegan2-faces --space w --head pose --output yaw --samples 1200 --keep 0.3 \
+      --name stylegan2-yaw --key demo-stylegan2-yaw
+  fi
+  # A W boundary moving only W+ rows 0-3 (the 4 and 8 px blocks): pose changes, finer detail is kept.
+  "${LE[@]}" edit --model stylegan2-faces --boundary stylegan2-yaw --rows 0:4 --start -3 --end 3 --frames 8 --seed 1 \
+    --count 4 --score pose --out out/edit-stylegan2-yaw-rows0-3
+  STYLEGAN2_OUT=", out/faces-stylegan2.png and out/edit-stylegan2-yaw-rows0-3.png (.gif)"
+else
+  STYLEGAN2_OUT=" (no StyleGAN2 default installed: defaults/stylegan2-faces is missing)"
+fi
+echo "open out/faces.png, out/edit-yaw.png (.gif), out/edit-sgf-yaw.png (.gif)${STYLEGAN2_OUT}; service logs are in out/serve.log"
 echo "to edit in the browser: ${LE[*]} serve, then open http://localhost:8080/ (README: The web editor)"

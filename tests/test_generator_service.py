@@ -158,7 +158,11 @@ def test_health_reports_serving_once_warm(generator_channel):
 
 
 def test_list_models_describes_the_default_generator(stub):
-    (info,) = stub.ListModels(generator_pb2.ListModelsRequest(), timeout=10).models
+    response = stub.ListModels(generator_pb2.ListModelsRequest(), timeout=10)
+    models = {m.ref.name: m for m in response.models}
+    # The set-up installs the DCGAN (the default) and the distilled StyleGAN2 (W-space default world).
+    assert response.default_model == "dcgan-faces" and set(models) == {"dcgan-faces", "stylegan2-faces"}
+    info = models["dcgan-faces"]
     assert info.ref.name == "dcgan-faces" and info.ref.version == 1 and info.architecture == "dcgan"
     assert [(s.space, s.dim, s.prior) for s in info.latent_spaces] == [(types_pb2.LATENT_SPACE_Z, 100, "normal")]
     assert [l.name for l in info.layers] == ["input", "block1", "block2", "block3", "block4", "image"]
