@@ -54,14 +54,19 @@ def installed_repo(tmp_path_factory) -> ModelRepository:
     return repo
 
 
+def private_copy(installed_repo: ModelRepository, target: Path, keep_cache: bool = False) -> ModelRepository:
+    """A copy of the installed repository at `target` that its user may change (no job state;
+    the export cache only with `keep_cache`). Hard links: tests only add versions, never change
+    existing files, and the dlib and MiniLM files would otherwise be copied (about 240 MB) each time."""
+    ignored = (".jobs",) if keep_cache else (".cache", ".jobs")
+    shutil.copytree(installed_repo.root, target, ignore=shutil.ignore_patterns(*ignored), copy_function=link_or_copy)
+    return ModelRepository(target)
+
+
 @pytest.fixture
 def fresh_repo(installed_repo, tmp_path) -> ModelRepository:
     """A private copy of the installed repository that a test may change."""
-    target = tmp_path / "repo"
-    # Hard links: tests only add versions, never change existing files, and the dlib and
-    # MiniLM files would otherwise be copied (about 240 MB) for every such test.
-    shutil.copytree(installed_repo.root, target, ignore=shutil.ignore_patterns(".cache", ".jobs"), copy_function=link_or_copy)
-    return ModelRepository(target)
+    return private_copy(installed_repo, tmp_path / "repo")
 
 
 def free_port() -> int:

@@ -28,9 +28,8 @@ from latentedit.api.v1 import (
     types_pb2,
 )
 from latentedit.install import link_or_copy
-from latentedit.repository import ModelRepository
 from latentedit.rpc.serving import channel_options
-from tests.conftest import start_services
+from tests.conftest import private_copy, start_services
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 MAX_DETAILS = 2048  # latentedit.errors.MAX_MESSAGE_BYTES
@@ -41,9 +40,7 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def suite(installed_repo, tmp_path_factory):
     """The four services on a private copy of the repository: (repo, stubs by service name)."""
-    root = tmp_path_factory.mktemp("defects") / "repo"
-    shutil.copytree(installed_repo.root, root, ignore=shutil.ignore_patterns(".jobs"), copy_function=link_or_copy)
-    repo = ModelRepository(root)
+    repo = private_copy(installed_repo, tmp_path_factory.mktemp("defects") / "repo", keep_cache=True)
     _, hosts = start_services(repo)
     channels = {n: grpc.insecure_channel(f"localhost:{h.port}", options=channel_options()) for n, h in hosts.items()}
     stubs = {"generator": generator_pb2_grpc.GeneratorServiceStub(channels["generator"]),

@@ -20,7 +20,7 @@ from latentedit.api.v1 import (
 )
 from latentedit.errors import InvalidArgument
 from latentedit.latents import Latents, LatentSpaceSpec, RowRange, move
-from tests.conftest import start_services
+from tests.conftest import private_copy, start_services
 
 MAPPED = "mapped-faces"
 YAW = types_pb2.AttributeRef(head="pose", output="yaw")
@@ -55,15 +55,9 @@ def test_a_w_direction_moves_only_the_chosen_w_plus_rows():
 
 @pytest.fixture(scope="module")
 def suite(installed_repo, tmp_path_factory):
-    import shutil
-
-    from latentedit.install import link_or_copy
     from latentedit.models.mapped import install_random_mapped_dcgan
-    from latentedit.repository import ModelRepository
 
-    root = tmp_path_factory.mktemp("spaces") / "repo"
-    shutil.copytree(installed_repo.root, root, ignore=shutil.ignore_patterns(".cache", ".jobs"), copy_function=link_or_copy)
-    repo = ModelRepository(root)
+    repo = private_copy(installed_repo, tmp_path_factory.mktemp("spaces") / "repo")
     install_random_mapped_dcgan(repo, MAPPED, repo.resolve("dcgan-faces"), num_ws=4, seed=3)
     config, hosts = start_services(repo)
     channels = {name: grpc.insecure_channel(f"localhost:{host.port}") for name, host in hosts.items()}

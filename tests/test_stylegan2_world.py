@@ -16,7 +16,7 @@ from latentedit.api.v1 import (
     trainer_pb2_grpc,
     types_pb2,
 )
-from tests.conftest import start_services
+from tests.conftest import private_copy, start_services
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,14 +28,7 @@ Z, W, W_PLUS = wire.space_code("z"), wire.space_code("w"), wire.space_code("w+")
 
 @pytest.fixture(scope="module")
 def suite(installed_repo, tmp_path_factory):
-    import shutil
-
-    from latentedit.install import link_or_copy
-    from latentedit.repository import ModelRepository
-
-    root = tmp_path_factory.mktemp("stylegan2") / "repo"
-    shutil.copytree(installed_repo.root, root, ignore=shutil.ignore_patterns(".jobs"), copy_function=link_or_copy)
-    repo = ModelRepository(root)
+    repo = private_copy(installed_repo, tmp_path_factory.mktemp("stylegan2") / "repo", keep_cache=True)
     _, hosts = start_services(repo)
     channels = {name: grpc.insecure_channel(f"localhost:{host.port}") for name, host in hosts.items()}
     yield repo, (generator_pb2_grpc.GeneratorServiceStub(channels["generator"]),
