@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -66,12 +67,18 @@ def measure(args: argparse.Namespace, device: str, fp16: bool, backends: list[in
                         assert response.backend == kind
                         return batch
 
-                    local = rate(in_process, args.seconds)
-                    remote = rate(through_grpc, args.seconds)
+                    # Interleaved rounds (each side warmed by rate's first call): load from other
+                    # work hits both sides alike, and the per-round ratios show the spread.
+                    local_rates, remote_rates = [], []
+                    for _ in range(args.rounds):
+                        local_rates.append(rate(in_process, args.seconds))
+                        remote_rates.append(rate(through_grpc, args.seconds))
+                    ratios = [r / loc for loc, r in zip(local_rates, remote_rates)]
                     label = BACKEND_NAMES[kind] + (f" ({device}{' fp16' if fp16 and device == 'cuda' else ''})")
-                    rows.append((label, enc_name, batch, local, remote))
+                    local, remote, ratio = median(local_rates), median(remote_rates), median(ratios)
+                    rows.append((label, enc_name, batch, local, remote, ratio, min(ratios), max(ratios)))
                     print(f"{label:28s} {enc_name:4s} batch {batch:4d}: in-process {local:9.1f} img/s, "
-                          f"gRPC {remote:9.1f} img/s, ratio {remote / local:.2f}", flush=True)
+                          f"gRPC {remote:9.1f} img/s, ratio {ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
         rows_concurrent = concurrent_callers(stub, args.seconds, model_ref, Latents(space, loaded.sample(space, 1, seed=0)))
     pool.close()
     return rows, rows_concurrent
@@ -108,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=1.5, help="minimum timing window per cell")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved in-process / gRPC rounds per cell")
     parser.add_argument("--model", default="", help="generator name (default: the repository's default, dcgan-faces)")
     parser.add_argument("--space", default="z", help="latent space the latents are sent in: z, w or w+")
     parser.add_argument("--no-record", action="store_true", help="print only; leave bench/RESULTS.md alone")
@@ -117,8 +125,11 @@ def main() -> None:
     if torch.cuda.is_available():
         rows += measure(args, "cuda", False, [types_pb2.BACKEND_TORCH])[0]
         rows += measure(args, "cuda", True, [types_pb2.BACKEND_TORCH])[0]
-    table = ["| backend | encoding | batch | in-process img/s | gRPC img/s | gRPC / in-process |", "|---|---|---|---|---|---|"]
-    table += [f"| {b} | {e} | {n} | {l:.1f} | {r:.1f} | {r / l:.2f} |" for b, e, n, l, r in rows]
+    table = [f"{args.rounds} interleaved rounds of at least {args.seconds} s per side and cell; img/s are medians, the "
+             "ratio is the median (min-max) of the per-round gRPC / in-process ratios.", "",
+             "| backend | encoding | batch | in-process img/s | gRPC img/s | gRPC / in-process |", "|---|---|---|---|---|---|"]
+    table += [f"| {b} | {e} | {n} | {loc:.1f} | {r:.1f} | {ratio:.2f} ({lo:.2f}-{hi:.2f}) |"
+              for b, e, n, loc, r, ratio, lo, hi in rows]
     table += ["", "Concurrent batch-1 callers through gRPC (onnxruntime, raw); the service's batcher merges their rows:", "",
               "| callers | img/s | vs 1 caller |", "|---|---|---|"]
     table += [f"| {n} | {r:.1f} | {r / concurrent[0][1]:.2f} |" for n, r in concurrent]
