@@ -138,8 +138,10 @@ def test_a_w_boundary_edits_a_row_range_of_w_plus_and_nothing_else(w_boundary, s
     fine = edit(types_pb2.RowRange(start=8, end=10))
     turn = {name: float(np.mean(_yaw(frames[-1]) - _yaw(frames[0]))) for name, frames in
             (("all rows", every), ("coarse rows 0-3", coarse), ("fine rows 8-9", fine))}
-    # Pose lives in the coarse layers (StyleGAN's style-mixing finding): the 64 px rows hardly turn the head.
-    assert turn["all rows"] > 10 and abs(turn["fine rows 8-9"]) < 0.5 * turn["all rows"], turn
+    # Pose lives in the coarse layers (StyleGAN's style-mixing finding): rows 0-3 carry most of the
+    # turn, the 64 px rows hardly any (measured on seeds 3, 5, 12: about 39 / 32 / 0 degrees).
+    assert turn["all rows"] > 20 and turn["coarse rows 0-3"] > 0.5 * turn["all rows"], turn
+    assert abs(turn["fine rows 8-9"]) < 0.2 * turn["all rows"], turn
 
 
 def test_an_sgf_mapping_in_w_steers_toward_the_target(suite):
