@@ -23,10 +23,19 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 ROOT = RESULTS.parent.parent
 
 
+_HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    """A free port never handed out before by this process (two services on one port would both
+    bind it: gRPC sets SO_REUSEPORT)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT_PORTS:
+            _HANDED_OUT_PORTS.add(port)
+            return port
 
 
 @contextlib.contextmanager

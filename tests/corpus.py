@@ -840,11 +840,9 @@ def valid_call(channels: dict[str, grpc.Channel], service: str, boundary: str = 
 
 
 def _free_port() -> int:
-    import socket
+    from tests.conftest import free_port  # one allocator: ports are never handed out twice
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _security_section(code_root: Path) -> dict[str, Any]:

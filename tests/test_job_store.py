@@ -68,11 +68,9 @@ def _pg_bin() -> Path | None:
 
 
 def _free_port() -> int:
-    import socket
+    from tests.conftest import free_port  # one allocator: ports are never handed out twice
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 class PostgresServer:

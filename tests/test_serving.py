@@ -227,3 +227,23 @@ def test_health_watch_streams_readiness_changes():
     finally:
         channel.close()
         host.stop(0)
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch):
+    """The test helper behind every multi-service config: the kernel may return a just-closed port
+    again, and two services given one port both bind it (SO_REUSEPORT) and answer each other's
+    calls. Here the kernel is made to repeat itself; the helper must still give distinct ports."""
+    import socket
+
+    from tests import conftest
+
+    real_socket = socket.socket
+    repeats = iter([50001, 50001, 50001, 50002])
+
+    class RepeatingSocket(real_socket):
+        def getsockname(self):
+            return ("127.0.0.1", next(repeats))
+
+    monkeypatch.setattr(conftest, "_HANDED_OUT_PORTS", set())
+    monkeypatch.setattr(socket, "socket", RepeatingSocket)
+    assert [conftest.free_port(), conftest.free_port()] == [50001, 50002]
