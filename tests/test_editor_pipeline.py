@@ -193,9 +193,11 @@ def test_cancelling_an_edit_stops_generator_and_scorer_work_within_one_chunk(sui
     synthesized = suite.generator_rows() - generator_before - 2
     scored = suite.scorer.batcher_stats().rows - scorer_before - 2
     assert sent < frames, "the edit was not cancelled mid-trajectory"
-    # Once the editor stopped taking frames, at most two chunks were in flight: one at the
-    # generator, one at the scorer (the first frame is a chunk of its own).
-    bound = count * (sent + 2 * frames_per_chunk)
+    # Once the editor stopped taking frames, at most two chunks were in flight beyond the one it was
+    # sending: one at the generator, one at the scorer. The first frame is a chunk of its own, so
+    # chunk k >= 0 after it holds frames 1 + k*fpc .. (k+1)*fpc; the one being sent ends at `current_end`.
+    current_end = 0 if sent == 0 else (int(sent - 1) // frames_per_chunk + 1) * frames_per_chunk
+    bound = count * (current_end + 1 + 2 * frames_per_chunk)
     assert synthesized <= bound, f"the generator synthesized {synthesized} rows; the editor had sent {sent:.0f} frames " \
                                  f"({count} rows each), so at most {bound} rows were due (two chunks ahead)"
     assert scored <= bound, f"the scorer scored {scored} rows; at most {bound} were due (two chunks ahead)"
