@@ -27,8 +27,9 @@ _HANDED_OUT_PORTS: set[int] = set()
 
 
 def free_port() -> int:
-    """A free port never handed out before by this process (two services on one port would both
-    bind it: gRPC sets SO_REUSEPORT)."""
+    """A port nothing listens on now, and never one this process handed out before: the kernel may
+    return a just-closed port again, and two services given the same port both bind it (gRPC sets
+    SO_REUSEPORT) and split each other's calls (UNIMPLEMENTED: Method not found)."""
     while True:
         with socket.socket() as s:
             s.bind(("localhost", 0))

@@ -69,22 +69,8 @@ def fresh_repo(installed_repo, tmp_path) -> ModelRepository:
     return private_copy(installed_repo, tmp_path / "repo")
 
 
-_HANDED_OUT_PORTS: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on now, and never one this process handed out before: the kernel may
-    return a just-closed port again, and two services of one test given the same port both bind
-    it (gRPC sets SO_REUSEPORT) and split each other's calls (UNIMPLEMENTED: Method not found)."""
-    import socket
-
-    while True:
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT_PORTS:
-            _HANDED_OUT_PORTS.add(port)
-            return port
+# One allocator for tests and benchmarks: it never hands out a port twice (see its docstring).
+from bench.common import free_port  # noqa: E402, F401
 
 
 def make_config(repo: ModelRepository, **generator_overrides) -> Config:

@@ -235,6 +235,7 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch):
     calls. Here the kernel is made to repeat itself; the helper must still give distinct ports."""
     import socket
 
+    from bench import common
     from tests import conftest
 
     real_socket = socket.socket
@@ -244,6 +245,6 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch):
         def getsockname(self):
             return ("127.0.0.1", next(repeats))
 
-    monkeypatch.setattr(conftest, "_HANDED_OUT_PORTS", set())
+    monkeypatch.setattr(common, "_HANDED_OUT_PORTS", set())
     monkeypatch.setattr(socket, "socket", RepeatingSocket)
     assert [conftest.free_port(), conftest.free_port()] == [50001, 50002]
